@@ -1,0 +1,209 @@
+//! Registration, challenge-response login, and account lookups.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use ed25519_dalek::{Signature, VerifyingKey};
+use rand::RngCore as _;
+use sealpost_proto::api::{
+    ChallengeRequest, ChallengeResponse, DeviceInfo, LoginRequest, LoginResponse,
+    RegisterRequest, RegisterResponse, UserDevicesResponse, WhoAmIResponse, login_signed_bytes,
+};
+use sealpost_proto::certificate::DeviceCertificate;
+use sealpost_proto::names::validate_username;
+use sealpost_proto::{Bytes64, ErrorCode, limits};
+use sha2::{Digest as _, Sha256};
+use uuid::Uuid;
+
+use super::{ApiJson, AppState, AuthDevice};
+use crate::clock;
+use crate::error::ApiError;
+use crate::store::{AccountRecord, DeviceRecord};
+
+fn verifying_key(bytes: &[u8], what: &str) -> Result<VerifyingKey, ApiError> {
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| ApiError::bad_request(format!("{what} must be 32 bytes")))?;
+    VerifyingKey::from_bytes(&bytes)
+        .map_err(|_| ApiError::bad_request(format!("{what} is not a valid Ed25519 key")))
+}
+
+/// Decodes a device certificate and checks it against the account key.
+pub(crate) fn verify_certificate(
+    bytes: &[u8],
+    username: &str,
+    account_key: &VerifyingKey,
+) -> Result<DeviceCertificate, ApiError> {
+    let invalid = |why: &str| ApiError::new(ErrorCode::InvalidCertificate, why);
+    if bytes.len() > limits::CERTIFICATE_MAX_BYTES {
+        return Err(invalid("device certificate is too large"));
+    }
+    let cert = DeviceCertificate::decode(bytes).map_err(|e| invalid(&e.to_string()))?;
+    if cert.username != username {
+        return Err(invalid("device certificate names another user"));
+    }
+    if cert.account_key != account_key.to_bytes() {
+        return Err(invalid("device certificate names another account key"));
+    }
+    VerifyingKey::from_bytes(&cert.device_key)
+        .map_err(|_| invalid("device key is not a valid Ed25519 key"))?;
+    account_key
+        .verify_strict(&cert.to_be_signed(), &Signature::from_bytes(&cert.signature))
+        .map_err(|_| invalid("device certificate signature does not verify"))?;
+    Ok(cert)
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
+    validate_username(&request.username)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
+    let account_key = verifying_key(request.account_key.as_ref(), "account_key")?;
+    let cert = verify_certificate(
+        request.device_certificate.as_ref(),
+        &request.username,
+        &account_key,
+    )?;
+    let today = clock::today();
+    state
+        .store
+        .create_account(
+            &AccountRecord {
+                username: request.username.clone(),
+                account_key: account_key.to_bytes().to_vec(),
+                created_day: today,
+                last_seen_day: today,
+            },
+            &DeviceRecord {
+                device_id: cert.device_id,
+                username: request.username.clone(),
+                signature_key: cert.device_key.to_vec(),
+                certificate: request.device_certificate.into_inner(),
+                created_day: today,
+            },
+        )
+        .await?;
+    tracing::info!("account registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisterResponse {
+            username: request.username,
+            device_id: cert.device_id,
+        }),
+    ))
+}
+
+pub async fn challenge(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ChallengeRequest>,
+) -> Result<Json<ChallengeResponse>, ApiError> {
+    if state.store.device(request.device_id).await?.is_none() {
+        return Err(ApiError::new(ErrorCode::DeviceNotFound, "unknown device"));
+    }
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let challenge_id = Uuid::new_v4();
+    let ttl = state.config.challenge_ttl.as_secs();
+    state
+        .store
+        .create_challenge(
+            challenge_id,
+            request.device_id,
+            &nonce,
+            clock::now_unix() + ttl as i64,
+        )
+        .await?;
+    Ok(Json(ChallengeResponse {
+        challenge_id,
+        nonce: Bytes64(nonce.to_vec()),
+        expires_in_secs: ttl,
+    }))
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<LoginRequest>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    let (device_id, nonce) = state
+        .store
+        .take_challenge(request.challenge_id, clock::now_unix())
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ChallengeInvalid,
+                "the login challenge is unknown, expired or already used",
+            )
+        })?;
+    let device = state
+        .store
+        .device(device_id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::DeviceNotFound, "unknown device"))?;
+    let key = verifying_key(&device.signature_key, "device key")?;
+    let signature: [u8; 64] = request
+        .signature
+        .as_ref()
+        .try_into()
+        .map_err(|_| ApiError::new(ErrorCode::InvalidSignature, "signature must be 64 bytes"))?;
+    key.verify_strict(
+        &login_signed_bytes(&device_id, &nonce),
+        &Signature::from_bytes(&signature),
+    )
+    .map_err(|_| ApiError::new(ErrorCode::InvalidSignature, "login signature does not verify"))?;
+
+    let mut token = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut token);
+    let token = Bytes64::encode(&token);
+    let ttl = state.config.token_ttl.as_secs();
+    state
+        .store
+        .insert_token(
+            &Sha256::digest(token.as_bytes()),
+            device_id,
+            clock::now_unix() + ttl as i64,
+        )
+        .await?;
+    state
+        .store
+        .touch_last_seen(&device.username, clock::today())
+        .await?;
+    Ok(Json(LoginResponse {
+        token,
+        expires_in_secs: ttl,
+    }))
+}
+
+pub async fn whoami(AuthDevice(device): AuthDevice) -> Json<WhoAmIResponse> {
+    Json(WhoAmIResponse {
+        username: device.username,
+        device_id: device.device_id,
+    })
+}
+
+pub async fn user_devices(
+    State(state): State<AppState>,
+    _auth: AuthDevice,
+    Path(username): Path<String>,
+) -> Result<Json<UserDevicesResponse>, ApiError> {
+    validate_username(&username)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
+    let account = state
+        .store
+        .account(&username)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::UserNotFound, "no such user"))?;
+    let devices = state.store.devices_of(&username).await?;
+    Ok(Json(UserDevicesResponse {
+        username,
+        account_key: Bytes64(account.account_key),
+        devices: devices
+            .into_iter()
+            .map(|device| DeviceInfo {
+                device_id: device.device_id,
+                certificate: Bytes64(device.certificate),
+                created: clock::format_day(device.created_day),
+            })
+            .collect(),
+    }))
+}

@@ -1,0 +1,218 @@
+//! Group registration and sequencing of commits, proposals and application messages.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use sealpost_proto::api::{
+    CreateGroupRequest, EnvelopeKind, GroupStateResponse, PostCommitRequest, PostMessageRequest,
+    PostProposalRequest, SequencedResponse, is_valid_group_id,
+};
+use sealpost_proto::{ErrorCode, limits};
+use uuid::Uuid;
+
+use super::{ApiJson, AppState, AuthDevice};
+use crate::clock;
+use crate::error::ApiError;
+use crate::mls::{self, Expected};
+use crate::store::{GroupState, SequenceRequest};
+
+/// Validates a group id from the path and returns its raw bytes (the MLS group id).
+fn group_id_bytes(group_id: &str) -> Result<Vec<u8>, ApiError> {
+    if !is_valid_group_id(group_id) {
+        return Err(ApiError::bad_request(
+            "a group id is 32 lowercase hex characters",
+        ));
+    }
+    hex::decode(group_id).map_err(|_| ApiError::bad_request("a group id is hex"))
+}
+
+fn too_large(what: &str, max: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("{what} is larger than {max} bytes"),
+    )
+}
+
+fn state_response(group: GroupState) -> Json<GroupStateResponse> {
+    Json(GroupStateResponse {
+        group_id: group.group_id,
+        epoch: group.epoch,
+        members: group.members,
+    })
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    AuthDevice(device): AuthDevice,
+    ApiJson(request): ApiJson<CreateGroupRequest>,
+) -> Result<(StatusCode, Json<GroupStateResponse>), ApiError> {
+    group_id_bytes(&request.group_id)?;
+    let group = state
+        .store
+        .create_group(&request.group_id, device.device_id)
+        .await?;
+    Ok((StatusCode::CREATED, state_response(group)))
+}
+
+pub async fn state(
+    State(state): State<AppState>,
+    AuthDevice(device): AuthDevice,
+    Path(group_id): Path<String>,
+) -> Result<Json<GroupStateResponse>, ApiError> {
+    group_id_bytes(&group_id)?;
+    let group = state
+        .store
+        .group(&group_id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::GroupNotFound, "no such group"))?;
+    if !group.members.contains(&device.device_id) {
+        return Err(ApiError::new(
+            ErrorCode::NotAMember,
+            "this device is not a member of the group",
+        ));
+    }
+    Ok(state_response(group))
+}
+
+/// Stores a sequenced message for every recipient, then wakes them.
+async fn sequence(
+    state: &AppState,
+    request: SequenceRequest,
+) -> Result<Json<SequencedResponse>, ApiError> {
+    let outcome = state.store.sequence(request).await?;
+    state.notifier.wake(&outcome.recipients);
+    Ok(Json(outcome.response))
+}
+
+fn new_request(
+    state: &AppState,
+    group_id: String,
+    sender: Uuid,
+    message_id: Uuid,
+    kind: EnvelopeKind,
+    epoch: u64,
+    payload: Vec<u8>,
+) -> SequenceRequest {
+    let now = clock::now_unix();
+    SequenceRequest {
+        group_id,
+        sender_device: sender,
+        message_id,
+        kind,
+        epoch,
+        payload,
+        welcome: None,
+        added_devices: Vec::new(),
+        removed_devices: Vec::new(),
+        leaving_devices: Vec::new(),
+        now,
+        expires_at: now + state.config.mailbox_ttl.as_secs() as i64,
+    }
+}
+
+pub async fn commit(
+    State(state): State<AppState>,
+    AuthDevice(device): AuthDevice,
+    Path(group_id): Path<String>,
+    ApiJson(request): ApiJson<PostCommitRequest>,
+) -> Result<Json<SequencedResponse>, ApiError> {
+    let raw_group = group_id_bytes(&group_id)?;
+    if request.commit.len() > limits::COMMIT_MAX_BYTES {
+        return Err(too_large("the commit", limits::COMMIT_MAX_BYTES));
+    }
+    if request.added_devices.len() + request.removed_devices.len() > limits::DEVICES_PER_COMMIT {
+        return Err(ApiError::new(
+            ErrorCode::LimitExceeded,
+            "too many devices in one commit",
+        ));
+    }
+    let epoch = mls::inspect(request.commit.as_ref(), Expected::Commit, &raw_group)?;
+    if let Some(welcome) = &request.welcome {
+        if welcome.len() > limits::WELCOME_MAX_BYTES {
+            return Err(too_large("the Welcome", limits::WELCOME_MAX_BYTES));
+        }
+        mls::inspect_welcome(welcome.as_ref())?;
+    }
+    if request.welcome.is_some() == request.added_devices.is_empty() {
+        return Err(ApiError::bad_request(
+            "a Welcome is required exactly when devices are added",
+        ));
+    }
+    let mut sequence_request = new_request(
+        &state,
+        group_id,
+        device.device_id,
+        request.message_id,
+        EnvelopeKind::Commit,
+        epoch,
+        request.commit.into_inner(),
+    );
+    sequence_request.welcome = request.welcome.map(|w| w.into_inner());
+    sequence_request.added_devices = request.added_devices;
+    sequence_request.removed_devices = request.removed_devices;
+    sequence(&state, sequence_request).await
+}
+
+pub async fn proposal(
+    State(state): State<AppState>,
+    AuthDevice(device): AuthDevice,
+    Path(group_id): Path<String>,
+    ApiJson(request): ApiJson<PostProposalRequest>,
+) -> Result<Json<SequencedResponse>, ApiError> {
+    let raw_group = group_id_bytes(&group_id)?;
+    if request.proposals.len() != 1 {
+        return Err(ApiError::bad_request("send exactly one proposal"));
+    }
+    let proposal = request.proposals.into_iter().next().unwrap_or_default();
+    if proposal.len() > limits::PROPOSAL_MAX_BYTES {
+        return Err(too_large("the proposal", limits::PROPOSAL_MAX_BYTES));
+    }
+    let epoch = mls::inspect(proposal.as_ref(), Expected::Proposal, &raw_group)?;
+    // A device may only take devices of its own account out of delivery.
+    for leaving in &request.leaving_devices {
+        let owner = state.store.device(*leaving).await?;
+        if owner.is_none_or(|owner| owner.username != device.username) {
+            return Err(ApiError::new(
+                ErrorCode::NotAMember,
+                "only devices of your own account can leave",
+            ));
+        }
+    }
+    let mut sequence_request = new_request(
+        &state,
+        group_id,
+        device.device_id,
+        request.message_id,
+        EnvelopeKind::Proposal,
+        epoch,
+        proposal.into_inner(),
+    );
+    sequence_request.leaving_devices = request.leaving_devices;
+    sequence(&state, sequence_request).await
+}
+
+pub async fn message(
+    State(state): State<AppState>,
+    AuthDevice(device): AuthDevice,
+    Path(group_id): Path<String>,
+    ApiJson(request): ApiJson<PostMessageRequest>,
+) -> Result<Json<SequencedResponse>, ApiError> {
+    let raw_group = group_id_bytes(&group_id)?;
+    if request.message.len() > limits::APPLICATION_MESSAGE_MAX_BYTES {
+        return Err(too_large(
+            "the message",
+            limits::APPLICATION_MESSAGE_MAX_BYTES,
+        ));
+    }
+    let epoch = mls::inspect(request.message.as_ref(), Expected::Application, &raw_group)?;
+    let sequence_request = new_request(
+        &state,
+        group_id,
+        device.device_id,
+        request.message_id,
+        EnvelopeKind::Application,
+        epoch,
+        request.message.into_inner(),
+    );
+    sequence(&state, sequence_request).await
+}

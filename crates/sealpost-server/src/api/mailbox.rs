@@ -1,0 +1,38 @@
+//! Mailbox fetch and acknowledgement.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use sealpost_proto::api::{AckRequest, AckResponse, MailboxQuery, MailboxResponse};
+use sealpost_proto::{ErrorCode, limits};
+
+use super::{ApiJson, AppState, AuthDevice};
+use crate::error::ApiError;
+
+pub async fn fetch(
+    State(state): State<AppState>,
+    AuthDevice(device): AuthDevice,
+    query: Result<Query<MailboxQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<MailboxResponse>, ApiError> {
+    let Query(query) = query?;
+    let limit = query
+        .limit
+        .unwrap_or(limits::MAILBOX_FETCH_MAX)
+        .clamp(1, limits::MAILBOX_FETCH_MAX);
+    let (envelopes, more) = state.store.fetch_mailbox(device.device_id, limit).await?;
+    Ok(Json(MailboxResponse { envelopes, more }))
+}
+
+pub async fn ack(
+    State(state): State<AppState>,
+    AuthDevice(device): AuthDevice,
+    ApiJson(request): ApiJson<AckRequest>,
+) -> Result<Json<AckResponse>, ApiError> {
+    if request.ids.len() > limits::ACK_MAX_IDS {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("at most {} ids per acknowledgement", limits::ACK_MAX_IDS),
+        ));
+    }
+    let removed = state.store.ack(device.device_id, &request.ids).await?;
+    Ok(Json(AckResponse { removed }))
+}

@@ -1,0 +1,134 @@
+//! The HTTP and WebSocket API: routing, shared state, extractors.
+//!
+//! Handlers are thin: they validate input (sizes, formats), call the [`Store`], wake
+//! recipients and map errors through [`ApiError`]. Every body is capped by a per-route
+//! limit before it is buffered.
+
+mod accounts;
+mod groups;
+mod keypackages;
+mod mailbox;
+mod ws;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath};
+use axum::http::request::Parts;
+use axum::http::{Request, header};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sealpost_proto::{ErrorCode, limits};
+use sha2::{Digest as _, Sha256};
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::clock;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::notify::Notifier;
+use crate::store::{DeviceRecord, Store};
+
+/// State shared by all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub notifier: Notifier,
+    pub config: Arc<Config>,
+    pub shutdown: CancellationToken,
+}
+
+/// JSON body extractor whose rejections are API errors.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// The device that presented a valid bearer token.
+pub struct AuthDevice(pub DeviceRecord);
+
+impl FromRequestParts<AppState> for AuthDevice {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing bearer token"))?;
+        let hash = Sha256::digest(token.trim().as_bytes());
+        let device = state
+            .store
+            .device_for_token(&hash, clock::now_unix())
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(ErrorCode::Unauthorized, "invalid or expired bearer token")
+            })?;
+        Ok(Self(device))
+    }
+}
+
+/// Builds the API router.
+pub fn router(state: AppState) -> Router {
+    let small = DefaultBodyLimit::max(limits::SMALL_BODY_MAX_BYTES);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/accounts", post(accounts::register).layer(small))
+        .route("/v1/auth/challenge", post(accounts::challenge).layer(small))
+        .route("/v1/auth/login", post(accounts::login).layer(small))
+        .route("/v1/me", get(accounts::whoami))
+        .route(
+            "/v1/keypackages",
+            post(keypackages::upload)
+                .layer(DefaultBodyLimit::max(limits::KEY_PACKAGE_BODY_MAX_BYTES))
+                .get(keypackages::count),
+        )
+        .route("/v1/users/{username}", get(accounts::user_devices))
+        .route(
+            "/v1/users/{username}/keypackages/claim",
+            post(keypackages::claim).layer(small),
+        )
+        .route("/v1/groups", post(groups::create).layer(small))
+        .route("/v1/groups/{group_id}", get(groups::state))
+        .route(
+            "/v1/groups/{group_id}/commits",
+            post(groups::commit).layer(DefaultBodyLimit::max(limits::COMMIT_BODY_MAX_BYTES)),
+        )
+        .route(
+            "/v1/groups/{group_id}/proposals",
+            post(groups::proposal).layer(small),
+        )
+        .route(
+            "/v1/groups/{group_id}/messages",
+            post(groups::message).layer(small),
+        )
+        .route("/v1/mailbox", get(mailbox::fetch))
+        .route("/v1/mailbox/ack", post(mailbox::ack).layer(small))
+        .route("/v1/ws", get(ws::upgrade))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Log the route template, never the concrete URI (usernames) or the peer address.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+            let route = request
+                .extensions()
+                .get::<MatchedPath>()
+                .map(MatchedPath::as_str)
+                .unwrap_or("unmatched");
+            tracing::info_span!("request", method = %request.method(), route)
+        }))
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed for this endpoint",
+    )
+}

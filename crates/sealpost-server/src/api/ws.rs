@@ -1,0 +1,56 @@
+//! The per-device WebSocket: pushes a `mailbox_ready` event whenever the device has mail.
+//!
+//! The socket carries no message content; the client fetches and acknowledges over HTTP.
+//! On connect the server sends one event so the client drains what arrived while it was
+//! away. Inbound frames are capped and ignored, except close.
+
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use sealpost_proto::api::ServerEvent;
+use uuid::Uuid;
+
+use super::{AppState, AuthDevice};
+
+/// Inbound WebSocket frames and messages are tiny; the socket is for wake-ups.
+const MAX_INBOUND: usize = 4 * 1024;
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    AuthDevice(device): AuthDevice,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ws.max_message_size(MAX_INBOUND)
+        .max_frame_size(MAX_INBOUND)
+        .on_upgrade(move |socket| run(socket, state, device.device_id))
+}
+
+fn event_frame() -> Message {
+    let text = serde_json::to_string(&ServerEvent::MailboxReady).unwrap_or_default();
+    Message::Text(text.into())
+}
+
+async fn run(mut socket: WebSocket, state: AppState, device: Uuid) {
+    let mut wakeups = state.notifier.subscribe(device);
+    if socket.send(event_frame()).await.is_ok() {
+        loop {
+            tokio::select! {
+                changed = wakeups.changed() => {
+                    if changed.is_err() || socket.send(event_frame()).await.is_err() {
+                        break;
+                    }
+                }
+                inbound = socket.recv() => match inbound {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+                () = state.shutdown.cancelled() => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    break;
+                }
+            }
+        }
+    }
+    drop(wakeups);
+    state.notifier.release(device);
+}

@@ -1,0 +1,99 @@
+//! The Sealpost delivery server.
+//!
+//! It is the MLS Delivery Service and nothing more: it keeps accounts, devices and
+//! KeyPackages, sequences each group's commits (the first commit for the current epoch
+//! wins), stores every message durably in a mailbox per recipient device before
+//! answering the sender, and wakes connected devices over their WebSocket. It never sees
+//! plaintext or private keys and never parses application content.
+//!
+//! Embed it with [`serve`], which runs on a listener you bind, until a shutdown future
+//! resolves; `sealpost-server` (the binary) is a thin wrapper around it.
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod mls;
+pub mod notify;
+pub mod store;
+#[cfg(feature = "test-support")]
+pub mod testing;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use store::sqlite::SqliteStore;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("server I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then finishes in-flight
+/// requests, closes WebSockets and closes the database cleanly.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store = Arc::new(SqliteStore::open(&config.database_path()).await?);
+    let cancel = CancellationToken::new();
+    let state = api::AppState {
+        store: store.clone(),
+        notifier: notify::Notifier::default(),
+        config: Arc::new(config),
+        shutdown: cancel.clone(),
+    };
+
+    let expiry = tokio::spawn(run_expiry(state.clone()));
+    let app = api::router(state);
+    let stop = cancel.clone();
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = stop.cancelled() => {}
+            }
+            stop.cancel();
+        })
+        .await?;
+    cancel.cancel();
+    let _ = expiry.await;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn run_expiry(state: api::AppState) {
+    let mut interval = tokio::time::interval(state.config.expiry_interval);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {
+                match state.store.expire(clock::now_unix()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(expired = n, "expired undelivered messages"),
+                    Err(err) => tracing::warn!(error = %err, "expiry failed"),
+                }
+            }
+            () = state.shutdown.cancelled() => break,
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Server storage: the [`Store`] trait and its backends.
+//!
+//! Everything the server keeps goes through [`Store`]: accounts and devices, login
+//! challenges and hashed tokens, KeyPackages, groups (epoch, member devices) and the
+//! per-device mailboxes. The one operation that sequences group traffic,
+//! [`Store::sequence`], is a single transaction: it checks the epoch, assigns the group
+//! sequence number, stores the payload and a mailbox entry for every recipient device,
+//! and updates the member list — so an acknowledged send is durable for every recipient.
+//!
+//! Backends: [`sqlite::SqliteStore`] (embedded, the default). The trait keeps the API layer
+//! independent of the database so that a PostgreSQL backend can follow and be checked by
+//! the same conformance tests.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use sealpost_proto::api::{Envelope, EnvelopeKind, SequencedResponse};
+use thiserror::Error;
+use uuid::Uuid;
+
+/// Errors of a storage backend. Conflicts that a client caused are distinct variants so
+/// the API layer can answer them with the right code; everything else is `Backend`.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("username already taken")]
+    UsernameTaken,
+    #[error("device id already registered")]
+    DeviceExists,
+    #[error("group already exists")]
+    GroupExists,
+    #[error("group not found")]
+    GroupNotFound,
+    #[error("device is not a member of the group")]
+    NotAMember,
+    #[error("stale epoch; the group is at epoch {current}")]
+    EpochConflict { current: u64 },
+    #[error("message id reused for different content")]
+    DuplicateMessageId,
+    #[error("device {0} is unknown")]
+    UnknownDevice(Uuid),
+    #[error("device {0} has no KeyPackage left")]
+    NoKeyPackages(Uuid),
+    #[error("limit reached: {0}")]
+    LimitExceeded(&'static str),
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+    #[error("database error: {0}")]
+    Backend(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRecord {
+    pub username: String,
+    pub account_key: Vec<u8>,
+    pub created_day: i64,
+    pub last_seen_day: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub device_id: Uuid,
+    pub username: String,
+    pub signature_key: Vec<u8>,
+    pub certificate: Vec<u8>,
+    pub created_day: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    pub group_id: String,
+    pub epoch: u64,
+    pub members: Vec<Uuid>,
+}
+
+/// A message to put into a group's total order.
+#[derive(Debug, Clone)]
+pub struct SequenceRequest {
+    pub group_id: String,
+    pub sender_device: Uuid,
+    pub message_id: Uuid,
+    pub kind: EnvelopeKind,
+    /// The epoch the MLS message was made for (from its framing).
+    pub epoch: u64,
+    pub payload: Vec<u8>,
+    /// Commits only: the Welcome for `added_devices`.
+    pub welcome: Option<Vec<u8>>,
+    pub added_devices: Vec<Uuid>,
+    pub removed_devices: Vec<Uuid>,
+    /// Proposals only: devices of the sender's account that leave now.
+    pub leaving_devices: Vec<Uuid>,
+    pub now: i64,
+    pub expires_at: i64,
+}
+
+/// What [`Store::sequence`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceOutcome {
+    pub response: SequencedResponse,
+    /// Devices that got new mail (empty when the request was a resend).
+    pub recipients: Vec<Uuid>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPackageCount {
+    pub one_time: u64,
+    pub last_resort: bool,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates an account with its first device.
+    async fn create_account(
+        &self,
+        account: &AccountRecord,
+        device: &DeviceRecord,
+    ) -> Result<(), StoreError>;
+    async fn account(&self, username: &str) -> Result<Option<AccountRecord>, StoreError>;
+    async fn devices_of(&self, username: &str) -> Result<Vec<DeviceRecord>, StoreError>;
+    async fn device(&self, device_id: Uuid) -> Result<Option<DeviceRecord>, StoreError>;
+    async fn touch_last_seen(&self, username: &str, day: i64) -> Result<(), StoreError>;
+
+    async fn create_challenge(
+        &self,
+        challenge_id: Uuid,
+        device_id: Uuid,
+        nonce: &[u8],
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
+    /// Removes and returns a challenge that has not expired: a challenge works once.
+    async fn take_challenge(
+        &self,
+        challenge_id: Uuid,
+        now: i64,
+    ) -> Result<Option<(Uuid, Vec<u8>)>, StoreError>;
+    async fn insert_token(
+        &self,
+        token_hash: &[u8],
+        device_id: Uuid,
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
+    /// The device a token belongs to, if the token is known and unexpired.
+    async fn device_for_token(
+        &self,
+        token_hash: &[u8],
+        now: i64,
+    ) -> Result<Option<DeviceRecord>, StoreError>;
+
+    async fn add_key_packages(
+        &self,
+        device_id: Uuid,
+        one_time: &[Vec<u8>],
+        last_resort: Option<&[u8]>,
+        max_per_device: usize,
+    ) -> Result<KeyPackageCount, StoreError>;
+    async fn key_package_count(&self, device_id: Uuid) -> Result<KeyPackageCount, StoreError>;
+    /// Takes one KeyPackage for every device of `username`: a one-time one (deleted) when
+    /// there is one, else the last-resort one (kept).
+    async fn claim_key_packages(
+        &self,
+        username: &str,
+    ) -> Result<Vec<(DeviceRecord, Vec<u8>)>, StoreError>;
+
+    async fn create_group(&self, group_id: &str, creator: Uuid) -> Result<GroupState, StoreError>;
+    async fn group(&self, group_id: &str) -> Result<Option<GroupState>, StoreError>;
+    /// Sequences one commit, proposal or application message (see the module doc).
+    async fn sequence(&self, request: SequenceRequest) -> Result<SequenceOutcome, StoreError>;
+
+    /// The oldest envelopes in a device's mailbox, and whether more are waiting.
+    async fn fetch_mailbox(
+        &self,
+        device_id: Uuid,
+        limit: usize,
+    ) -> Result<(Vec<Envelope>, bool), StoreError>;
+    /// Deletes acknowledged envelopes of this device; returns how many were removed.
+    async fn ack(&self, device_id: Uuid, ids: &[u64]) -> Result<u64, StoreError>;
+    /// Deletes expired challenges, tokens and undelivered messages.
+    async fn expire(&self, now: i64) -> Result<u64, StoreError>;
+}

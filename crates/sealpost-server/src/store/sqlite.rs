@@ -1,0 +1,657 @@
+//! The embedded SQLite backend.
+//!
+//! Durability settings: WAL journal with `synchronous = FULL`, so every committed
+//! transaction's WAL frames are fsynced before the commit returns. A process kill never
+//! loses a committed transaction (the WAL is replayed on open), and with FULL a power loss
+//! does not either, as long as the disk honours fsync. All writes go through one pooled
+//! connection, so write transactions are serialised in the process instead of failing with
+//! `SQLITE_BUSY`; reads use a separate pool and see committed snapshots (WAL readers do
+//! not block the writer).
+
+use std::path::Path;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sealpost_proto::Bytes64;
+use sealpost_proto::api::{Envelope, EnvelopeKind, SequencedResponse};
+use sha2::{Digest as _, Sha256};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row as _, SqliteConnection};
+use uuid::Uuid;
+
+use super::{
+    AccountRecord, DeviceRecord, GroupState, KeyPackageCount, SequenceOutcome, SequenceRequest,
+    Store, StoreError,
+};
+
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// SQLite-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and runs migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATIONS.run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+
+    /// Closes both pools, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+fn uuid_from(bytes: &[u8]) -> Result<Uuid, StoreError> {
+    Uuid::from_slice(bytes).map_err(|_| StoreError::Invalid("stored device id is not 16 bytes"))
+}
+
+fn device_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DeviceRecord, StoreError> {
+    Ok(DeviceRecord {
+        device_id: uuid_from(&row.try_get::<Vec<u8>, _>("device_id")?)?,
+        username: row.try_get("username")?,
+        signature_key: row.try_get("signature_key")?,
+        certificate: row.try_get("certificate")?,
+        created_day: row.try_get("created_day")?,
+    })
+}
+
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+async fn members_of(conn: &mut SqliteConnection, group_id: &str) -> Result<Vec<Uuid>, StoreError> {
+    let rows = sqlx::query("SELECT device_id FROM group_members WHERE group_id = ? ORDER BY device_id")
+        .bind(group_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|row| uuid_from(&row.try_get::<Vec<u8>, _>(0)?))
+        .collect()
+}
+
+async fn insert_message(
+    conn: &mut SqliteConnection,
+    request: &SequenceRequest,
+    kind: EnvelopeKind,
+    group_seq: i64,
+    epoch_after: i64,
+    payload: &[u8],
+) -> Result<i64, StoreError> {
+    let hash = Sha256::digest(payload);
+    let row = sqlx::query(
+        "INSERT INTO messages (group_id, message_id, kind, group_seq, epoch_after, payload_hash, \
+         payload, server_time, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(&request.group_id)
+    .bind(request.message_id.as_bytes().as_slice())
+    .bind(kind.as_i64())
+    .bind(group_seq)
+    .bind(epoch_after)
+    .bind(hash.as_slice())
+    .bind(payload)
+    .bind(request.now)
+    .bind(request.expires_at)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(row.try_get(0)?)
+}
+
+async fn deliver(
+    conn: &mut SqliteConnection,
+    message: i64,
+    devices: &[Uuid],
+) -> Result<(), StoreError> {
+    for device in devices {
+        sqlx::query("INSERT INTO mailbox (device_id, message) VALUES (?, ?)")
+            .bind(device.as_bytes().as_slice())
+            .bind(message)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_account(
+        &self,
+        account: &AccountRecord,
+        device: &DeviceRecord,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO accounts (username, account_key, created_day, last_seen_day) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&account.username)
+        .bind(&account.account_key)
+        .bind(account.created_day)
+        .bind(account.last_seen_day)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(err) if is_unique_violation(&err) => return Err(StoreError::UsernameTaken),
+            other => other?,
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO devices (device_id, username, signature_key, certificate, created_day) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(device.device_id.as_bytes().as_slice())
+        .bind(&device.username)
+        .bind(&device.signature_key)
+        .bind(&device.certificate)
+        .bind(device.created_day)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(err) if is_unique_violation(&err) => return Err(StoreError::DeviceExists),
+            other => other?,
+        };
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn account(&self, username: &str) -> Result<Option<AccountRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT username, account_key, created_day, last_seen_day FROM accounts WHERE username = ?",
+        )
+        .bind(username)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| {
+            Ok(AccountRecord {
+                username: row.try_get("username")?,
+                account_key: row.try_get("account_key")?,
+                created_day: row.try_get("created_day")?,
+                last_seen_day: row.try_get("last_seen_day")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn devices_of(&self, username: &str) -> Result<Vec<DeviceRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device_id, username, signature_key, certificate, created_day FROM devices \
+             WHERE username = ? ORDER BY created_day, device_id",
+        )
+        .bind(username)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    async fn device(&self, device_id: Uuid) -> Result<Option<DeviceRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT device_id, username, signature_key, certificate, created_day FROM devices \
+             WHERE device_id = ?",
+        )
+        .bind(device_id.as_bytes().as_slice())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    async fn touch_last_seen(&self, username: &str, day: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE accounts SET last_seen_day = ? WHERE username = ? AND last_seen_day < ?")
+            .bind(day)
+            .bind(username)
+            .bind(day)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn create_challenge(
+        &self,
+        challenge_id: Uuid,
+        device_id: Uuid,
+        nonce: &[u8],
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO login_challenges (challenge_id, device_id, nonce, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(challenge_id.as_bytes().as_slice())
+        .bind(device_id.as_bytes().as_slice())
+        .bind(nonce)
+        .bind(expires_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_challenge(
+        &self,
+        challenge_id: Uuid,
+        now: i64,
+    ) -> Result<Option<(Uuid, Vec<u8>)>, StoreError> {
+        let row = sqlx::query(
+            "DELETE FROM login_challenges WHERE challenge_id = ? RETURNING device_id, nonce, expires_at",
+        )
+        .bind(challenge_id.as_bytes().as_slice())
+        .fetch_optional(&self.writer)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        if row.try_get::<i64, _>("expires_at")? < now {
+            return Ok(None);
+        }
+        Ok(Some((
+            uuid_from(&row.try_get::<Vec<u8>, _>("device_id")?)?,
+            row.try_get("nonce")?,
+        )))
+    }
+
+    async fn insert_token(
+        &self,
+        token_hash: &[u8],
+        device_id: Uuid,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO tokens (token_hash, device_id, expires_at) VALUES (?, ?, ?)")
+            .bind(token_hash)
+            .bind(device_id.as_bytes().as_slice())
+            .bind(expires_at)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn device_for_token(
+        &self,
+        token_hash: &[u8],
+        now: i64,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT d.device_id, d.username, d.signature_key, d.certificate, d.created_day \
+             FROM tokens t JOIN devices d ON d.device_id = t.device_id \
+             WHERE t.token_hash = ? AND t.expires_at >= ?",
+        )
+        .bind(token_hash)
+        .bind(now)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    async fn add_key_packages(
+        &self,
+        device_id: Uuid,
+        one_time: &[Vec<u8>],
+        last_resort: Option<&[u8]>,
+        max_per_device: usize,
+    ) -> Result<KeyPackageCount, StoreError> {
+        let device = device_id.as_bytes().as_slice();
+        let mut tx = self.writer.begin().await?;
+        let existing: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM key_packages WHERE device_id = ? AND last_resort = 0",
+        )
+        .bind(device)
+        .fetch_one(&mut *tx)
+        .await?;
+        if existing as usize + one_time.len() > max_per_device {
+            return Err(StoreError::LimitExceeded(
+                "too many one-time KeyPackages stored for this device",
+            ));
+        }
+        for data in one_time {
+            sqlx::query("INSERT INTO key_packages (device_id, last_resort, data) VALUES (?, 0, ?)")
+                .bind(device)
+                .bind(data)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(data) = last_resort {
+            sqlx::query("DELETE FROM key_packages WHERE device_id = ? AND last_resort = 1")
+                .bind(device)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO key_packages (device_id, last_resort, data) VALUES (?, 1, ?)")
+                .bind(device)
+                .bind(data)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.key_package_count(device_id).await
+    }
+
+    async fn key_package_count(&self, device_id: Uuid) -> Result<KeyPackageCount, StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(last_resort = 0), 0) AS one_time, COALESCE(SUM(last_resort = 1), 0) AS lr \
+             FROM key_packages WHERE device_id = ?",
+        )
+        .bind(device_id.as_bytes().as_slice())
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(KeyPackageCount {
+            one_time: row.try_get::<i64, _>("one_time")?.max(0) as u64,
+            last_resort: row.try_get::<i64, _>("lr")? > 0,
+        })
+    }
+
+    async fn claim_key_packages(
+        &self,
+        username: &str,
+    ) -> Result<Vec<(DeviceRecord, Vec<u8>)>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let rows = sqlx::query(
+            "SELECT device_id, username, signature_key, certificate, created_day FROM devices \
+             WHERE username = ? ORDER BY created_day, device_id",
+        )
+        .bind(username)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let device = device_from_row(row)?;
+            // One-time packages first (oldest first); the last-resort one only when none is left.
+            let package = sqlx::query(
+                "SELECT id, last_resort, data FROM key_packages WHERE device_id = ? \
+                 ORDER BY last_resort, id LIMIT 1",
+            )
+            .bind(device.device_id.as_bytes().as_slice())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(package) = package else {
+                return Err(StoreError::NoKeyPackages(device.device_id));
+            };
+            if package.try_get::<i64, _>("last_resort")? == 0 {
+                sqlx::query("DELETE FROM key_packages WHERE id = ?")
+                    .bind(package.try_get::<i64, _>("id")?)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            claimed.push((device, package.try_get("data")?));
+        }
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    async fn create_group(&self, group_id: &str, creator: Uuid) -> Result<GroupState, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let inserted = sqlx::query("INSERT INTO groups (group_id, epoch, next_seq) VALUES (?, 0, 1)")
+            .bind(group_id)
+            .execute(&mut *tx)
+            .await;
+        match inserted {
+            Err(err) if is_unique_violation(&err) => return Err(StoreError::GroupExists),
+            other => other?,
+        };
+        sqlx::query("INSERT INTO group_members (group_id, device_id) VALUES (?, ?)")
+            .bind(group_id)
+            .bind(creator.as_bytes().as_slice())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(GroupState {
+            group_id: group_id.to_owned(),
+            epoch: 0,
+            members: vec![creator],
+        })
+    }
+
+    async fn group(&self, group_id: &str) -> Result<Option<GroupState>, StoreError> {
+        let mut conn = self.reader.acquire().await?;
+        let epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM groups WHERE group_id = ?")
+            .bind(group_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some(epoch) = epoch else { return Ok(None) };
+        Ok(Some(GroupState {
+            group_id: group_id.to_owned(),
+            epoch: epoch as u64,
+            members: members_of(&mut conn, group_id).await?,
+        }))
+    }
+
+    async fn sequence(&self, request: SequenceRequest) -> Result<SequenceOutcome, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let group = sqlx::query("SELECT epoch, next_seq FROM groups WHERE group_id = ?")
+            .bind(&request.group_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(group) = group else {
+            return Err(StoreError::GroupNotFound);
+        };
+        let epoch: i64 = group.try_get("epoch")?;
+        let group_seq: i64 = group.try_get("next_seq")?;
+
+        // A resend of an accepted message answers what the first attempt got.
+        let previous = sqlx::query(
+            "SELECT group_seq, epoch_after, payload_hash FROM messages \
+             WHERE group_id = ? AND message_id = ? AND kind = ?",
+        )
+        .bind(&request.group_id)
+        .bind(request.message_id.as_bytes().as_slice())
+        .bind(request.kind.as_i64())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(previous) = previous {
+            let hash: Vec<u8> = previous.try_get("payload_hash")?;
+            if hash != Sha256::digest(&request.payload).as_slice() {
+                return Err(StoreError::DuplicateMessageId);
+            }
+            return Ok(SequenceOutcome {
+                response: SequencedResponse {
+                    group_seq: previous.try_get::<i64, _>("group_seq")? as u64,
+                    epoch: previous.try_get::<i64, _>("epoch_after")? as u64,
+                },
+                recipients: Vec::new(),
+            });
+        }
+
+        let members = members_of(&mut tx, &request.group_id).await?;
+        if !members.contains(&request.sender_device) {
+            return Err(StoreError::NotAMember);
+        }
+        if request.epoch != epoch as u64 {
+            return Err(StoreError::EpochConflict {
+                current: epoch as u64,
+            });
+        }
+
+        let mut recipients: Vec<Uuid> = members
+            .iter()
+            .copied()
+            .filter(|device| *device != request.sender_device)
+            .collect();
+        let epoch_after = match request.kind {
+            EnvelopeKind::Commit => epoch + 1,
+            _ => epoch,
+        };
+        let message = insert_message(
+            &mut tx,
+            &request,
+            request.kind,
+            group_seq,
+            epoch_after,
+            &request.payload,
+        )
+        .await?;
+        deliver(&mut tx, message, &recipients).await?;
+
+        if request.kind == EnvelopeKind::Commit {
+            for device in &request.removed_devices {
+                if !members.contains(device) {
+                    return Err(StoreError::Invalid("a removed device is not a member"));
+                }
+                sqlx::query("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")
+                    .bind(&request.group_id)
+                    .bind(device.as_bytes().as_slice())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if !request.added_devices.is_empty() {
+                let Some(welcome) = &request.welcome else {
+                    return Err(StoreError::Invalid("devices are added without a Welcome"));
+                };
+                for device in &request.added_devices {
+                    let known: Option<i64> =
+                        sqlx::query_scalar("SELECT 1 FROM devices WHERE device_id = ?")
+                            .bind(device.as_bytes().as_slice())
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    if known.is_none() {
+                        return Err(StoreError::UnknownDevice(*device));
+                    }
+                    let inserted = sqlx::query(
+                        "INSERT INTO group_members (group_id, device_id) VALUES (?, ?)",
+                    )
+                    .bind(&request.group_id)
+                    .bind(device.as_bytes().as_slice())
+                    .execute(&mut *tx)
+                    .await;
+                    match inserted {
+                        Err(err) if is_unique_violation(&err) => {
+                            return Err(StoreError::Invalid("an added device is already a member"));
+                        }
+                        other => other?,
+                    };
+                }
+                let welcome_row = insert_message(
+                    &mut tx,
+                    &request,
+                    EnvelopeKind::Welcome,
+                    group_seq,
+                    epoch_after,
+                    welcome,
+                )
+                .await?;
+                deliver(&mut tx, welcome_row, &request.added_devices).await?;
+                recipients.extend(request.added_devices.iter().copied());
+            }
+        }
+        if request.kind == EnvelopeKind::Proposal {
+            for device in &request.leaving_devices {
+                sqlx::query("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")
+                    .bind(&request.group_id)
+                    .bind(device.as_bytes().as_slice())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+
+        sqlx::query("UPDATE groups SET epoch = ?, next_seq = ? WHERE group_id = ?")
+            .bind(epoch_after)
+            .bind(group_seq + 1)
+            .bind(&request.group_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(SequenceOutcome {
+            response: SequencedResponse {
+                group_seq: group_seq as u64,
+                epoch: epoch_after as u64,
+            },
+            recipients,
+        })
+    }
+
+    async fn fetch_mailbox(
+        &self,
+        device_id: Uuid,
+        limit: usize,
+    ) -> Result<(Vec<Envelope>, bool), StoreError> {
+        let rows = sqlx::query(
+            "SELECT b.seq, m.message_id, m.group_id, m.group_seq, m.kind, m.server_time, m.payload \
+             FROM mailbox b JOIN messages m ON m.id = b.message \
+             WHERE b.device_id = ? ORDER BY b.seq LIMIT ?",
+        )
+        .bind(device_id.as_bytes().as_slice())
+        .bind((limit + 1) as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        let more = rows.len() > limit;
+        let mut envelopes = Vec::with_capacity(rows.len().min(limit));
+        for row in rows.iter().take(limit) {
+            let kind = EnvelopeKind::from_i64(row.try_get("kind")?)
+                .ok_or(StoreError::Invalid("stored message has an unknown kind"))?;
+            envelopes.push(Envelope {
+                id: row.try_get::<i64, _>("seq")? as u64,
+                message_id: uuid_from(&row.try_get::<Vec<u8>, _>("message_id")?)?,
+                group_id: row.try_get("group_id")?,
+                group_seq: row.try_get::<i64, _>("group_seq")? as u64,
+                kind,
+                server_time: row.try_get("server_time")?,
+                payload: Bytes64(row.try_get::<Option<Vec<u8>>, _>("payload")?.unwrap_or_default()),
+            });
+        }
+        Ok((envelopes, more))
+    }
+
+    async fn ack(&self, device_id: Uuid, ids: &[u64]) -> Result<u64, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mut removed = 0;
+        for id in ids {
+            let message: Option<i64> = sqlx::query_scalar(
+                "DELETE FROM mailbox WHERE seq = ? AND device_id = ? RETURNING message",
+            )
+            .bind(*id as i64)
+            .bind(device_id.as_bytes().as_slice())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(message) = message else { continue };
+            removed += 1;
+            // Once every recipient has it, the server forgets the ciphertext.
+            sqlx::query(
+                "UPDATE messages SET payload = NULL WHERE id = ? \
+                 AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message = ?)",
+            )
+            .bind(message)
+            .bind(message)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    async fn expire(&self, now: i64) -> Result<u64, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let mailbox = sqlx::query(
+            "DELETE FROM mailbox WHERE message IN (SELECT id FROM messages WHERE expires_at < ?)",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM messages WHERE expires_at < ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM login_challenges WHERE expires_at < ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM tokens WHERE expires_at < ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(mailbox)
+    }
+}
