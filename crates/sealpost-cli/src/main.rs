@@ -1,1 +1,143 @@
-fn main() {}
+//! `sealpost`: the command-line client.
+//!
+//! Every command prints human-readable text, or with `--json` one JSON object per line.
+//! Every failure prints one line on stderr (a JSON error object under `--json`) and exits
+//! with status 1; usage errors exit with 2. All protocol work happens in `sealpost-core`.
+
+mod cli;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use sealpost_core::{Client, CoreError};
+
+use crate::cli::{Args, Command, GroupCommand};
+use crate::output::Output;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SEALPOST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let out = Output::new(args.json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            out.error(&anyhow::anyhow!("cannot start the runtime: {err}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, &out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            out.error(&err);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn home_dir(home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(home) = home {
+        return Ok(home);
+    }
+    directories::ProjectDirs::from("org", "Sealpost", "sealpost")
+        .map(|dirs| dirs.data_dir().to_owned())
+        .context("cannot find a home directory for Sealpost; pass --home DIR")
+}
+
+fn open(home: &std::path::Path) -> anyhow::Result<Client> {
+    match Client::open(home) {
+        Err(CoreError::NotRegistered) => Err(anyhow::anyhow!(
+            "no account in {}; run `sealpost register USERNAME --server URL` first",
+            home.display()
+        )),
+        other => Ok(other?),
+    }
+}
+
+async fn run(args: Args, out: &Output) -> anyhow::Result<()> {
+    let home = home_dir(args.home)?;
+    match args.command {
+        Command::Register {
+            username,
+            server,
+            key_packages,
+        } => {
+            let client = Client::register(&home, &username, &server, key_packages).await?;
+            let me = client.whoami()?;
+            out.whoami(&me, "registered");
+        }
+        Command::Whoami => out.whoami(&open(&home)?.whoami()?, ""),
+        Command::Send { group, args } => {
+            let client = open(&home)?;
+            let entry = match (group, args.as_slice()) {
+                (Some(name), [text]) => client.send_group(&name, text).await?,
+                (None, [user, text]) => client.send_direct(user, text).await?,
+                (Some(_), _) => anyhow::bail!("usage: sealpost send --group NAME TEXT"),
+                (None, _) => anyhow::bail!("usage: sealpost send USERNAME TEXT"),
+            };
+            out.sent(&entry);
+        }
+        Command::Sync { follow } => {
+            let client = open(&home)?;
+            if follow {
+                let stop = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                client
+                    .follow(|entries| out.entries(&entries), stop)
+                    .await?;
+            } else {
+                out.entries(&client.sync().await?);
+            }
+        }
+        Command::Conversations => out.conversations(&open(&home)?.conversations()?),
+        Command::History {
+            conversation,
+            limit,
+        } => out.entries(&open(&home)?.history(&conversation, limit)?),
+        Command::Group(group) => {
+            let client = open(&home)?;
+            match group {
+                GroupCommand::Create { name, members } => {
+                    let conversation = client.create_group(&name, &members).await?;
+                    out.done(&format!("created group {:?}", conversation.name), &conversation);
+                }
+                GroupCommand::Add { name, user } => {
+                    client.add_member(&name, &user).await?;
+                    out.done(
+                        &format!("added {user} to {name:?}"),
+                        &serde_json::json!({"group": name, "added": user}),
+                    );
+                }
+                GroupCommand::Remove { name, user } => {
+                    client.remove_member(&name, &user).await?;
+                    out.done(
+                        &format!("removed {user} from {name:?}"),
+                        &serde_json::json!({"group": name, "removed": user}),
+                    );
+                }
+                GroupCommand::Leave { name } => {
+                    client.leave(&name).await?;
+                    out.done(
+                        &format!("left {name:?}"),
+                        &serde_json::json!({"group": name, "left": true}),
+                    );
+                }
+                GroupCommand::Members { name } => out.members(&client.members(&name).await?),
+            }
+        }
+    }
+    Ok(())
+}

@@ -495,10 +495,9 @@ impl Store for SqliteStore {
         deliver(&mut tx, message, &recipients).await?;
 
         if request.kind == EnvelopeKind::Commit {
+            // A device that already left (proposal) is no longer on the delivery list;
+            // removing it again is a no-op.
             for device in &request.removed_devices {
-                if !members.contains(device) {
-                    return Err(StoreError::Invalid("a removed device is not a member"));
-                }
                 sqlx::query("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")
                     .bind(&request.group_id)
                     .bind(device.as_bytes().as_slice())

@@ -1,0 +1,171 @@
+//! Printing results as text or JSON lines, and errors as one line on stderr.
+//!
+//! A closed stdout (for example `sealpost sync | head -1`) is not an error: output stops
+//! quietly instead of panicking.
+
+use std::io::Write as _;
+
+use sealpost_core::client::WhoAmI;
+use sealpost_core::engine::conversations::MemberDevice;
+use sealpost_core::{ConversationSummary, CoreError, HistoryEntry};
+use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+pub struct Output {
+    json: bool,
+}
+
+fn timestamp(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct JsonEntry<'a> {
+    id: &'a str,
+    conversation: &'a str,
+    group_id: &'a str,
+    sender: &'a str,
+    text: &'a str,
+    kind: &'a str,
+    sent_at: String,
+    sent_at_ms: i64,
+    outgoing: bool,
+}
+
+impl Output {
+    pub fn new(json: bool) -> Self {
+        Self { json }
+    }
+
+    fn line(&self, text: &str) {
+        let mut stdout = std::io::stdout().lock();
+        // A closed pipe ends output; nothing else can fail usefully here.
+        let _ = writeln!(stdout, "{text}");
+    }
+
+    fn json_line<T: Serialize>(&self, value: &T) {
+        if let Ok(text) = serde_json::to_string(value) {
+            self.line(&text);
+        }
+    }
+
+    pub fn error(&self, err: &anyhow::Error) {
+        let code = err
+            .downcast_ref::<CoreError>()
+            .map(CoreError::code)
+            .unwrap_or("error");
+        let message = format!("{err:#}");
+        let mut stderr = std::io::stderr().lock();
+        if self.json {
+            let body = serde_json::json!({"error": {"code": code, "message": message}});
+            let _ = writeln!(stderr, "{body}");
+        } else {
+            let _ = writeln!(stderr, "error: {message}");
+        }
+    }
+
+    pub fn whoami(&self, me: &WhoAmI, verb: &str) {
+        if self.json {
+            self.json_line(me);
+        } else {
+            let prefix = if verb.is_empty() {
+                String::new()
+            } else {
+                format!("{verb} ")
+            };
+            self.line(&format!(
+                "{prefix}{} (device {}) on {}",
+                me.username, me.device_id, me.server
+            ));
+        }
+    }
+
+    fn entry(&self, entry: &HistoryEntry) {
+        if self.json {
+            self.json_line(&JsonEntry {
+                id: &entry.id,
+                conversation: &entry.conversation,
+                group_id: &entry.group_id,
+                sender: &entry.sender,
+                text: &entry.text,
+                kind: &entry.kind,
+                sent_at: timestamp(entry.sent_at),
+                sent_at_ms: entry.sent_at,
+                outgoing: entry.outgoing,
+            });
+        } else if entry.kind == "notice" {
+            self.line(&format!(
+                "{} [{}] * {}",
+                timestamp(entry.sent_at),
+                entry.conversation,
+                entry.text
+            ));
+        } else {
+            self.line(&format!(
+                "{} [{}] {}: {}",
+                timestamp(entry.sent_at),
+                entry.conversation,
+                entry.sender,
+                entry.text
+            ));
+        }
+    }
+
+    pub fn entries(&self, entries: &[HistoryEntry]) {
+        for entry in entries {
+            self.entry(entry);
+        }
+    }
+
+    pub fn sent(&self, entry: &HistoryEntry) {
+        if self.json {
+            self.entry(entry);
+        } else {
+            self.line(&format!("sent to {}", entry.conversation));
+        }
+    }
+
+    pub fn conversations(&self, conversations: &[ConversationSummary]) {
+        for conversation in conversations {
+            if self.json {
+                self.json_line(conversation);
+            } else {
+                let kind = match conversation.kind {
+                    sealpost_core::ConversationKind::Direct => "1:1",
+                    sealpost_core::ConversationKind::Group => "group",
+                };
+                let status = if conversation.status == "active" {
+                    String::new()
+                } else {
+                    format!(" ({})", conversation.status)
+                };
+                self.line(&format!("{kind:5} {}{status}", conversation.name));
+            }
+        }
+    }
+
+    pub fn members(&self, members: &[MemberDevice]) {
+        for member in members {
+            if self.json {
+                self.json_line(&serde_json::json!({
+                    "username": member.username,
+                    "device_id": member.device_id,
+                }));
+            } else {
+                self.line(&format!("{} (device {})", member.username, member.device_id));
+            }
+        }
+    }
+
+    pub fn done<T: Serialize>(&self, text: &str, value: &T) {
+        if self.json {
+            self.json_line(value);
+        } else {
+            self.line(text);
+        }
+    }
+}

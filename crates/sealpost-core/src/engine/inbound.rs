@@ -1,0 +1,379 @@
+//! Processing what the server delivers: Welcomes, commits, proposals, application messages.
+//!
+//! Each envelope is processed in one transaction that also records its message id as
+//! processed, so a redelivered envelope (delivery is at-least-once) is skipped and a user
+//! sees every message exactly once. An envelope that cannot be processed (it does not
+//! decrypt, or a new member's certificate does not verify) is recorded too, with a notice,
+//! and never retried forever; a local storage failure is returned and the envelope stays
+//! unacknowledged.
+
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{
+    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, Sender,
+    StagedWelcome,
+};
+use openmls_traits::OpenMlsProvider as _;
+use rusqlite::{OptionalExtension as _, Transaction, params};
+use sealpost_proto::api::{Envelope, EnvelopeKind};
+
+use super::conversations::{insert_notice, load_group, member_devices, pin_contact};
+use super::queries::{HistoryEntry, history_entry};
+use super::{Engine, Identity, join_config};
+use crate::error::CoreError;
+use crate::identity::{certificate_of, verify_member};
+use crate::payload::{AppMessage, Body, CONVERSATION_INFO_EXTENSION, ConversationInfo};
+use crate::store::Provider;
+
+/// What applying an envelope produced.
+enum Outcome {
+    /// Ids of new history messages.
+    Messages(Vec<String>),
+    /// Notices to add to history.
+    Notices(Vec<String>),
+    /// Nothing to show: the envelope is for a group we are no longer in.
+    Skipped,
+}
+
+fn kind_name(kind: EnvelopeKind) -> &'static str {
+    match kind {
+        EnvelopeKind::Commit => "commit",
+        EnvelopeKind::Welcome => "welcome",
+        EnvelopeKind::Proposal => "proposal",
+        EnvelopeKind::Application => "application",
+    }
+}
+
+fn already_processed(tx: &Transaction<'_>, envelope: &Envelope) -> Result<bool, CoreError> {
+    Ok(tx
+        .query_row(
+            "SELECT 1 FROM processed WHERE group_id = ? AND message_id = ? AND kind = ?",
+            params![
+                envelope.group_id,
+                envelope.message_id.to_string(),
+                kind_name(envelope.kind)
+            ],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+fn mark_processed(tx: &Transaction<'_>, envelope: &Envelope, now: i64) -> Result<(), CoreError> {
+    tx.execute(
+        "INSERT OR IGNORE INTO processed (group_id, message_id, kind, processed_at) VALUES (?, ?, ?, ?)",
+        params![
+            envelope.group_id,
+            envelope.message_id.to_string(),
+            kind_name(envelope.kind),
+            now
+        ],
+    )?;
+    Ok(())
+}
+
+fn parse(payload: &[u8]) -> Result<MlsMessageIn, CoreError> {
+    MlsMessageIn::tls_deserialize_exact(payload)
+        .map_err(|_| CoreError::Mls("malformed MLS message".into()))
+}
+
+fn unique_group_name(tx: &Transaction<'_>, name: &str) -> Result<String, CoreError> {
+    let mut candidate = name.to_owned();
+    for n in 2.. {
+        let taken: Option<i64> = tx
+            .query_row(
+                "SELECT 1 FROM conversations WHERE kind = 'group' AND name = ? AND status = 'active'",
+                [&candidate],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if taken.is_none() {
+            break;
+        }
+        candidate = format!("{name} ({n})");
+    }
+    Ok(candidate)
+}
+
+fn process_welcome(
+    provider: &Provider<'_>,
+    tx: &Transaction<'_>,
+    envelope: &Envelope,
+    now: i64,
+) -> Result<Outcome, CoreError> {
+    let MlsMessageBodyIn::Welcome(welcome) = parse(envelope.payload.as_ref())?.extract() else {
+        return Err(CoreError::Mls("expected a Welcome".into()));
+    };
+    let staged = StagedWelcome::build_from_welcome(provider, &join_config(), welcome)
+        .map_err(CoreError::mls)?
+        .replace_old_group()
+        .build()
+        .map_err(CoreError::mls)?;
+    // Every member must present a valid certificate; pin their account keys.
+    for member in staged.members() {
+        let cert = verify_member(&member.credential, &member.signature_key)?;
+        pin_contact(tx, &cert.username, &cert.account_key, now)?;
+    }
+    let sender = staged
+        .welcome_sender()
+        .ok()
+        .and_then(|leaf| certificate_of(leaf.credential()))
+        .map(|cert| cert.username)
+        .unwrap_or_else(|| "someone".into());
+    let info = staged
+        .group_context()
+        .extensions()
+        .unknown(CONVERSATION_INFO_EXTENSION)
+        .map(|ext| ConversationInfo::decode(&ext.0))
+        .transpose()?
+        .ok_or_else(|| CoreError::Mls("the group carries no conversation info".into()))?;
+    let group = staged.into_group(provider).map_err(CoreError::mls)?;
+    let group_id = hex::encode(group.group_id().as_slice());
+    if group_id != envelope.group_id {
+        return Err(CoreError::Mls("the Welcome is for another group".into()));
+    }
+    let (kind, name, peer, notice) = match info {
+        ConversationInfo::Direct => (
+            "direct",
+            None,
+            Some(sender.clone()),
+            format!("{sender} started a conversation with you"),
+        ),
+        ConversationInfo::Group { name } => {
+            let local = unique_group_name(tx, &name)?;
+            let notice = format!("{sender} added you to {local:?}");
+            ("group", Some(local), None, notice)
+        }
+    };
+    tx.execute(
+        "INSERT INTO conversations (group_id, kind, name, peer, status, created_at) \
+         VALUES (?1, ?2, ?3, ?4, 'active', ?5) ON CONFLICT(group_id) DO UPDATE SET \
+         status = 'active', kind = ?2, name = ?3, peer = ?4",
+        params![group_id, kind, name, peer, now],
+    )?;
+    Ok(Outcome::Notices(vec![notice]))
+}
+
+fn process_in_group(
+    provider: &Provider<'_>,
+    tx: &Transaction<'_>,
+    identity: &Identity,
+    envelope: &Envelope,
+    now: i64,
+) -> Result<Outcome, CoreError> {
+    let active: Option<String> = tx
+        .query_row(
+            "SELECT status FROM conversations WHERE group_id = ?",
+            [&envelope.group_id],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if active.as_deref() != Some("active") {
+        return Ok(Outcome::Skipped);
+    }
+    let Some(mut group) = load_group(provider, &envelope.group_id)? else {
+        return Ok(Outcome::Skipped);
+    };
+    let protocol = parse(envelope.payload.as_ref())?
+        .try_into_protocol_message()
+        .map_err(CoreError::mls)?;
+    let processed = group
+        .process_message(provider, protocol)
+        .map_err(CoreError::mls)?;
+    let sender_cert = certificate_of(processed.credential());
+    let sender_name = sender_cert
+        .as_ref()
+        .map(|cert| cert.username.clone())
+        .unwrap_or_else(|| "someone".into());
+    match processed.into_content() {
+        ProcessedMessageContent::ApplicationMessage(message) => {
+            let message = AppMessage::decode(&message.into_bytes())?;
+            let text = match message.body {
+                Body::Text { text } => text,
+                Body::Unsupported => {
+                    "(a message this version of Sealpost cannot show)".to_owned()
+                }
+            };
+            let inserted = tx.execute(
+                "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, text, \
+                 sent_at_ms, received_at, outgoing) VALUES (?, ?, ?, ?, 'text', ?, ?, ?, ?)",
+                params![
+                    message.id.to_string(),
+                    envelope.group_id,
+                    sender_name,
+                    sender_cert.as_ref().map(|c| c.device_id.to_string()),
+                    text,
+                    message.sent_at_ms,
+                    now,
+                    (sender_name == identity.username) as i64,
+                ],
+            )?;
+            Ok(Outcome::Messages(if inserted == 1 {
+                vec![message.id.to_string()]
+            } else {
+                Vec::new()
+            }))
+        }
+        ProcessedMessageContent::ProposalMessage(queued) => {
+            // Only "I leave" proposals are accepted: a Remove of the proposer's own leaf.
+            let own_leave = match (queued.proposal(), queued.sender()) {
+                (Proposal::Remove(remove), Sender::Member(sender)) => {
+                    remove.removed() == *sender
+                }
+                _ => false,
+            };
+            if !own_leave {
+                return Ok(Outcome::Notices(vec![format!(
+                    "ignored a proposal from {sender_name} that Sealpost does not allow"
+                )]));
+            }
+            group
+                .store_pending_proposal(provider.storage(), *queued)
+                .map_err(CoreError::Store)?;
+            Ok(Outcome::Skipped)
+        }
+        ProcessedMessageContent::StagedCommitMessage(staged) => {
+            // Every device the commit brings in must carry a valid certificate.
+            let mut added = Vec::new();
+            for add in staged.add_proposals() {
+                let leaf = add.add_proposal().key_package().leaf_node();
+                let cert = verify_member(leaf.credential(), leaf.signature_key().as_slice())?;
+                pin_contact(tx, &cert.username, &cert.account_key, now)?;
+                if !added.contains(&cert.username) {
+                    added.push(cert.username);
+                }
+            }
+            if let Some(leaf) = staged.update_path_leaf_node() {
+                verify_member(leaf.credential(), leaf.signature_key().as_slice())?;
+            }
+            let members = member_devices(&group);
+            let mut left = Vec::new();
+            let mut removed = Vec::new();
+            for remove in staged.remove_proposals() {
+                let leaf = remove.remove_proposal().removed();
+                let Some(member) = members.iter().find(|m| m.leaf == leaf) else {
+                    continue;
+                };
+                let by_self = matches!(remove.sender(), Sender::Member(s) if *s == leaf);
+                let list = if by_self { &mut left } else { &mut removed };
+                if !list.contains(&member.username) {
+                    list.push(member.username.clone());
+                }
+            }
+            let self_removed = staged.self_removed();
+            group
+                .merge_staged_commit(provider, *staged)
+                .map_err(CoreError::mls)?;
+            let mut notices = Vec::new();
+            if !added.is_empty() {
+                notices.push(format!("{sender_name} added {}", added.join(", ")));
+            }
+            for user in left {
+                notices.push(format!("{user} left"));
+            }
+            if self_removed {
+                notices.push(format!("{sender_name} removed you"));
+                tx.execute(
+                    "UPDATE conversations SET status = 'removed' WHERE group_id = ?",
+                    [&envelope.group_id],
+                )?;
+                group.delete(provider.storage())?;
+            } else if !removed.is_empty() {
+                notices.push(format!("{sender_name} removed {}", removed.join(", ")));
+            }
+            Ok(Outcome::Notices(notices))
+        }
+        // External joins are not used; our own messages are never delivered back to us.
+        ProcessedMessageContent::ExternalJoinProposalMessage(_)
+        | ProcessedMessageContent::OwnPendingCommit
+        | ProcessedMessageContent::OwnPrivateMessage => Ok(Outcome::Skipped),
+    }
+}
+
+/// Errors caused by what a peer or the server sent (as opposed to local failures).
+fn is_remote_fault(err: &CoreError) -> bool {
+    !matches!(
+        err,
+        CoreError::Store(_) | CoreError::Io(_) | CoreError::NotRegistered
+    )
+}
+
+impl Engine {
+    /// Applies one envelope and returns what the user should see (new messages and
+    /// notices). Returns an error only for local failures; the envelope is then not
+    /// marked processed and must not be acknowledged.
+    pub fn process_envelope(
+        &mut self,
+        envelope: &Envelope,
+        now: i64,
+    ) -> Result<Vec<HistoryEntry>, CoreError> {
+        let attempt = self.transact(|provider, tx, identity| {
+            let identity = identity.ok_or(CoreError::NotRegistered)?;
+            if already_processed(tx, envelope)? {
+                return Ok(Vec::new());
+            }
+            let outcome = match envelope.kind {
+                EnvelopeKind::Welcome => process_welcome(provider, tx, envelope, now)?,
+                _ => process_in_group(provider, tx, identity, envelope, now)?,
+            };
+            mark_processed(tx, envelope, now)?;
+            let mut ids = Vec::new();
+            match outcome {
+                Outcome::Messages(messages) => ids.extend(messages),
+                Outcome::Notices(notices) => {
+                    for text in notices {
+                        ids.push(insert_notice(tx, &envelope.group_id, &text, now, false)?);
+                    }
+                }
+                Outcome::Skipped => {}
+            }
+            Ok(ids)
+        });
+        let ids = match attempt {
+            Ok(ids) => ids,
+            // The MLS work was rolled back. Record the envelope as processed, with a
+            // notice, so it is acknowledged and never retried forever.
+            Err(err) if is_remote_fault(&err) => {
+                tracing::warn!(kind = kind_name(envelope.kind), "envelope rejected: {err}");
+                let text = match envelope.kind {
+                    EnvelopeKind::Application => format!("a message could not be decrypted: {err}"),
+                    _ => format!("a group change was rejected: {err}"),
+                };
+                self.transact(|_, tx, _| {
+                    mark_processed(tx, envelope, now)?;
+                    Ok(vec![insert_notice(tx, &envelope.group_id, &text, now, false)?])
+                })?
+            }
+            Err(err) => return Err(err),
+        };
+        let mut entries = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(entry) = history_entry(&self.conn, &id)? {
+                entries.push(entry);
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Applies a batch of envelopes in order and makes the result durable; returns the
+    /// ids to acknowledge. Each envelope commits with `synchronous = NORMAL` (safe against
+    /// a process crash); one FULL commit at the end fsyncs the WAL, making the whole batch
+    /// durable against power loss before anything is acknowledged to the server.
+    pub fn process_batch(&mut self, envelopes: &[Envelope], now: i64) -> Result<Vec<u64>, CoreError> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut acks = Vec::with_capacity(envelopes.len());
+        let mut result = Ok(());
+        for envelope in envelopes {
+            match self.process_envelope(envelope, now) {
+                Ok(_) => acks.push(envelope.id),
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            }
+        }
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        crate::store::meta_set(&self.conn, "last_processed", &now.to_le_bytes())?;
+        result.map(|()| acks)
+    }
+}
+

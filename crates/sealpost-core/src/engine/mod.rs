@@ -1,0 +1,322 @@
+//! The protocol engine: identity, conversations as MLS groups, history.
+//!
+//! The engine owns the local store and makes every protocol decision, but performs no
+//! network I/O and reads no clock. Front ends (through [`crate::client`]) feed it server
+//! answers and envelopes, and get back typed requests to send and history entries to show.
+//!
+//! Every operation that changes MLS state runs in one SQLite transaction that also records
+//! its outcome (an outbox row, a history row, a processed-envelope marker): OpenMLS writes
+//! through the same connection, so the change and its product commit or roll back together.
+//!
+//! Submodules: [`conversations`] (create, add, remove, leave, send), [`inbound`]
+//! (processing envelopes), [`queries`] (listing conversations and history).
+
+pub mod conversations;
+pub mod inbound;
+pub mod queries;
+
+use std::path::Path;
+
+use openmls::prelude::tls_codec::Serialize as _;
+use openmls::prelude::{
+    BasicCredential, Capabilities, Ciphersuite, CredentialType, CredentialWithKey, ExtensionType,
+    KeyPackage, MlsGroupJoinConfig, MlsMessageOut, PURE_PLAINTEXT_WIRE_FORMAT_POLICY,
+    SenderRatchetConfiguration,
+};
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::RustCrypto;
+use openmls_traits::OpenMlsProvider as _;
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+use sealpost_proto::Bytes64;
+use sealpost_proto::api::{RegisterRequest, UploadKeyPackagesRequest, login_signed_bytes};
+use sealpost_proto::names::validate_username;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::CoreError;
+use crate::identity::AccountKey;
+use crate::payload::CONVERSATION_INFO_EXTENSION;
+use crate::store::{self, Provider};
+
+pub use queries::{ConversationKind, ConversationSummary, HistoryEntry};
+
+/// The default ciphersuite: hybrid post-quantum KEM (ML-KEM-768 + X25519), AES-128-GCM,
+/// SHA-256, Ed25519 signatures (see docs/PROTOCOL.md for why).
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519;
+/// Epochs whose secrets are kept to decrypt late application messages.
+const MAX_PAST_EPOCHS: usize = 3;
+/// Sender ratchet: out-of-order tolerance and maximum forward distance.
+const OUT_OF_ORDER_TOLERANCE: u32 = 32;
+const MAX_FORWARD_DISTANCE: u32 = 10_000;
+
+/// How many one-time KeyPackages a device keeps on the server.
+pub const KEY_PACKAGE_TARGET: usize = 100;
+
+/// The MLS capabilities every Sealpost leaf advertises.
+pub(crate) fn capabilities() -> Capabilities {
+    Capabilities::new(
+        None,
+        Some(&[CIPHERSUITE]),
+        Some(&[ExtensionType::Unknown(CONVERSATION_INFO_EXTENSION)]),
+        None,
+        Some(&[CredentialType::Basic]),
+    )
+}
+
+/// The configuration used to join and run every group.
+pub(crate) fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(
+            OUT_OF_ORDER_TOLERANCE,
+            MAX_FORWARD_DISTANCE,
+        ))
+        .build()
+}
+
+/// Who this device is.
+pub struct Identity {
+    pub username: String,
+    pub device_id: Uuid,
+    pub server_url: String,
+    pub(crate) account: AccountKey,
+    pub(crate) signer: SignatureKeyPair,
+    pub(crate) credential: CredentialWithKey,
+}
+
+impl Identity {
+    /// The account's public key.
+    pub fn account_key(&self) -> [u8; 32] {
+        self.account.public()
+    }
+}
+
+/// The client engine over one home directory.
+pub struct Engine {
+    pub(crate) conn: Connection,
+    crypto: RustCrypto,
+    pub(crate) identity: Option<Identity>,
+}
+
+fn tls_bytes(message: &MlsMessageOut) -> Result<Vec<u8>, CoreError> {
+    message.tls_serialize_detached().map_err(CoreError::mls)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, CoreError> {
+    serde_json::to_string(value).map_err(|e| CoreError::Codec(e.to_string()))
+}
+
+impl Engine {
+    /// Opens the store at `path` (created if missing) and loads the identity if any.
+    pub fn open(path: &Path) -> Result<Self, CoreError> {
+        let conn = store::open(path)?;
+        let mut engine = Self {
+            conn,
+            crypto: RustCrypto::default(),
+            identity: None,
+        };
+        engine.identity = engine.load_identity()?;
+        Ok(engine)
+    }
+
+    fn load_identity(&self) -> Result<Option<Identity>, CoreError> {
+        let Some(username) = store::meta_text(&self.conn, "username")? else {
+            return Ok(None);
+        };
+        let missing = |what: &str| CoreError::Codec(format!("identity is missing its {what}"));
+        let device_id = store::meta_text(&self.conn, "device_id")?
+            .and_then(|text| Uuid::parse_str(&text).ok())
+            .ok_or_else(|| missing("device id"))?;
+        let server_url =
+            store::meta_text(&self.conn, "server_url")?.ok_or_else(|| missing("server url"))?;
+        let account = AccountKey::from_secret(
+            &store::meta_get(&self.conn, "account_secret")?
+                .ok_or_else(|| missing("account key"))?,
+        )?;
+        let device_public =
+            store::meta_get(&self.conn, "device_public")?.ok_or_else(|| missing("device key"))?;
+        let certificate =
+            store::meta_get(&self.conn, "certificate")?.ok_or_else(|| missing("certificate"))?;
+        let provider = Provider::new(&self.crypto, &self.conn);
+        let signer = SignatureKeyPair::read(
+            provider.storage(),
+            &device_public,
+            CIPHERSUITE.signature_algorithm(),
+        )
+        .ok_or_else(|| missing("device signing key"))?;
+        Ok(Some(Identity {
+            username,
+            device_id,
+            server_url,
+            account,
+            credential: CredentialWithKey {
+                credential: BasicCredential::new(certificate).into(),
+                signature_key: device_public.into(),
+            },
+            signer,
+        }))
+    }
+
+    /// The identity, or [`CoreError::NotRegistered`].
+    pub fn identity(&self) -> Result<&Identity, CoreError> {
+        self.identity.as_ref().ok_or(CoreError::NotRegistered)
+    }
+
+    pub fn is_registered(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction with an OpenMLS provider on it; commits when
+    /// `f` succeeds and rolls back otherwise.
+    pub(crate) fn transact<T>(
+        &mut self,
+        f: impl FnOnce(&Provider<'_>, &Transaction<'_>, Option<&Identity>) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let provider = Provider::new(&self.crypto, &tx);
+        let result = f(&provider, &tx, self.identity.as_ref())?;
+        drop(provider);
+        tx.commit()?;
+        Ok(result)
+    }
+
+    /// Creates the account key, the first device and its certificate, and stores them.
+    /// Returns the registration request for the server.
+    pub fn create_identity(
+        &mut self,
+        username: &str,
+        server_url: &str,
+    ) -> Result<RegisterRequest, CoreError> {
+        if let Some(identity) = &self.identity {
+            return Err(CoreError::AlreadyRegistered(identity.username.clone()));
+        }
+        validate_username(username).map_err(|e| CoreError::InvalidInput(e.to_string()))?;
+        let account = AccountKey::generate();
+        let device_id = Uuid::new_v4();
+        let signer =
+            SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(CoreError::mls)?;
+        let device_key: [u8; 32] = signer
+            .public()
+            .try_into()
+            .map_err(|_| CoreError::Mls("device key is not an Ed25519 key".into()))?;
+        let certificate = account.certify(username, device_id, device_key).encode();
+        let request = RegisterRequest {
+            username: username.to_owned(),
+            account_key: Bytes64(account.public().to_vec()),
+            device_certificate: Bytes64(certificate.clone()),
+        };
+        self.transact(|provider, tx, _| {
+            signer.store(provider.storage())?;
+            store::meta_set(tx, "pending_username", username.as_bytes())?;
+            store::meta_set(tx, "device_id", device_id.to_string().as_bytes())?;
+            store::meta_set(tx, "server_url", server_url.as_bytes())?;
+            store::meta_set(tx, "account_secret", account.secret().as_slice())?;
+            store::meta_set(tx, "device_public", &device_key)?;
+            store::meta_set(tx, "certificate", &certificate)?;
+            Ok(())
+        })?;
+        Ok(request)
+    }
+
+    /// Marks the identity created by [`Self::create_identity`] as registered.
+    pub fn confirm_registration(&mut self) -> Result<(), CoreError> {
+        let username = store::meta_text(&self.conn, "pending_username")?
+            .ok_or(CoreError::NotRegistered)?;
+        store::meta_set(&self.conn, "username", username.as_bytes())?;
+        self.conn
+            .execute("DELETE FROM meta WHERE key = 'pending_username'", [])?;
+        self.identity = self.load_identity()?;
+        Ok(())
+    }
+
+    /// A registration that was started but not confirmed (e.g. interrupted).
+    pub fn pending_registration(&self) -> Result<Option<RegisterRequest>, CoreError> {
+        let Some(username) = store::meta_text(&self.conn, "pending_username")? else {
+            return Ok(None);
+        };
+        let account = AccountKey::from_secret(
+            &store::meta_get(&self.conn, "account_secret")?.unwrap_or_default(),
+        )?;
+        let certificate = store::meta_get(&self.conn, "certificate")?.unwrap_or_default();
+        Ok(Some(RegisterRequest {
+            username,
+            account_key: Bytes64(account.public().to_vec()),
+            device_certificate: Bytes64(certificate),
+        }))
+    }
+
+    /// The server URL of a registered or pending identity.
+    pub fn server_url(&self) -> Result<Option<String>, CoreError> {
+        store::meta_text(&self.conn, "server_url")
+    }
+
+    /// The device id of a registered or pending identity.
+    pub fn device_id(&self) -> Result<Option<Uuid>, CoreError> {
+        Ok(store::meta_text(&self.conn, "device_id")?.and_then(|t| Uuid::parse_str(&t).ok()))
+    }
+
+    /// Signs a login challenge with the device key.
+    pub fn sign_login(&self, nonce: &[u8]) -> Result<Vec<u8>, CoreError> {
+        let device_public = store::meta_get(&self.conn, "device_public")?
+            .ok_or(CoreError::NotRegistered)?;
+        let device_id = self.device_id()?.ok_or(CoreError::NotRegistered)?;
+        let provider = Provider::new(&self.crypto, &self.conn);
+        let signer = SignatureKeyPair::read(
+            provider.storage(),
+            &device_public,
+            CIPHERSUITE.signature_algorithm(),
+        )
+        .ok_or(CoreError::NotRegistered)?;
+        openmls_traits::signatures::Signer::sign(&signer, &login_signed_bytes(&device_id, nonce))
+            .map_err(|e| CoreError::Mls(format!("signing failed: {e:?}")))
+    }
+
+    /// The stored bearer token, if any.
+    pub fn token(&self) -> Result<Option<String>, CoreError> {
+        store::meta_text(&self.conn, "token")
+    }
+
+    pub fn set_token(&self, token: &str) -> Result<(), CoreError> {
+        store::meta_set(&self.conn, "token", token.as_bytes())
+    }
+
+    /// Generates `count` one-time KeyPackages (and a last-resort one if asked) and
+    /// returns the upload request. Their private keys are stored before this returns.
+    pub fn generate_key_packages(
+        &mut self,
+        count: usize,
+        last_resort: bool,
+    ) -> Result<UploadKeyPackagesRequest, CoreError> {
+        self.transact(|provider, _, identity| {
+            let identity = identity.ok_or(CoreError::NotRegistered)?;
+            let build = |last_resort: bool| -> Result<Bytes64, CoreError> {
+                let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
+                if last_resort {
+                    builder = builder.mark_as_last_resort();
+                }
+                let bundle = builder
+                    .build(
+                        CIPHERSUITE,
+                        provider,
+                        &identity.signer,
+                        identity.credential.clone(),
+                    )
+                    .map_err(CoreError::mls)?;
+                let message = MlsMessageOut::from(bundle.key_package().clone());
+                Ok(Bytes64(tls_bytes(&message)?))
+            };
+            let key_packages = (0..count)
+                .map(|_| build(false))
+                .collect::<Result<Vec<_>, _>>()?;
+            let last_resort = if last_resort { Some(build(true)?) } else { None };
+            Ok(UploadKeyPackagesRequest {
+                key_packages,
+                last_resort,
+            })
+        })
+    }
+}

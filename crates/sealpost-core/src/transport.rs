@@ -1,0 +1,288 @@
+//! The network layer: the `/v1` HTTP API and the per-device WebSocket.
+//!
+//! This is the only module of the engine that opens sockets. It maps every failure to a
+//! [`CoreError`]: a refused request becomes [`CoreError::Server`] with the server's stable
+//! error code, a network failure becomes [`CoreError::Unreachable`].
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use sealpost_proto::ErrorBody;
+use sealpost_proto::api::{
+    AckRequest, AckResponse, ChallengeRequest, ChallengeResponse, ClaimKeyPackagesResponse,
+    CreateGroupRequest, GroupStateResponse, KeyPackageCountResponse, LoginRequest, LoginResponse,
+    MailboxResponse, PostCommitRequest, PostMessageRequest, PostProposalRequest, RegisterRequest,
+    RegisterResponse, SequencedResponse, UploadKeyPackagesRequest, UserDevicesResponse,
+    WhoAmIResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
+
+use crate::error::CoreError;
+
+/// A connected device WebSocket.
+pub type DeviceSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// HTTP client for one server, holding the device's bearer token.
+pub struct Transport {
+    http: reqwest::Client,
+    base: String,
+    token: RwLock<Option<String>>,
+}
+
+impl Transport {
+    pub fn new(base_url: &str) -> Result<Self, CoreError> {
+        let base = base_url.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(CoreError::InvalidInput(format!(
+                "the server URL must start with http:// or https:// (got {base_url:?})"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| CoreError::Unreachable {
+                url: base.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            http,
+            base,
+            token: RwLock::new(None),
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> Option<String> {
+        self.token.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    pub fn set_token(&self, token: Option<String>) {
+        if let Ok(mut slot) = self.token.write() {
+            *slot = token;
+        }
+    }
+
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        auth: bool,
+    ) -> Result<T, CoreError> {
+        let url = format!("{}{}", self.base, path);
+        let mut request = self.http.request(method, &url);
+        if auth {
+            let token = self.token().ok_or_else(|| CoreError::Server {
+                code: sealpost_proto::ErrorCode::Unauthorized,
+                message: "not logged in".into(),
+                current_epoch: None,
+            })?;
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| CoreError::Unreachable {
+            url: self.base.clone(),
+            reason: describe(&e),
+        })?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| CoreError::Unreachable {
+            url: self.base.clone(),
+            reason: describe(&e),
+        })?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| CoreError::BadResponse(format!("{path}: {e}")));
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(CoreError::Server {
+                code: body.error.code,
+                message: body.error.message,
+                current_epoch: body.error.current_epoch,
+            }),
+            Err(_) => Err(CoreError::BadResponse(format!(
+                "{path}: HTTP {status} without an error body"
+            ))),
+        }
+    }
+
+    pub async fn register(&self, request: &RegisterRequest) -> Result<RegisterResponse, CoreError> {
+        self.call(Method::POST, "/v1/accounts", Some(request), false)
+            .await
+    }
+
+    pub async fn challenge(&self, device_id: Uuid) -> Result<ChallengeResponse, CoreError> {
+        self.call(
+            Method::POST,
+            "/v1/auth/challenge",
+            Some(&ChallengeRequest { device_id }),
+            false,
+        )
+        .await
+    }
+
+    pub async fn login(&self, request: &LoginRequest) -> Result<LoginResponse, CoreError> {
+        self.call(Method::POST, "/v1/auth/login", Some(request), false)
+            .await
+    }
+
+    pub async fn whoami(&self) -> Result<WhoAmIResponse, CoreError> {
+        self.call::<(), _>(Method::GET, "/v1/me", None, true).await
+    }
+
+    pub async fn upload_key_packages(
+        &self,
+        request: &UploadKeyPackagesRequest,
+    ) -> Result<KeyPackageCountResponse, CoreError> {
+        self.call(Method::POST, "/v1/keypackages", Some(request), true)
+            .await
+    }
+
+    pub async fn key_package_count(&self) -> Result<KeyPackageCountResponse, CoreError> {
+        self.call::<(), _>(Method::GET, "/v1/keypackages", None, true)
+            .await
+    }
+
+    pub async fn user_devices(&self, username: &str) -> Result<UserDevicesResponse, CoreError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/users/{username}"), None, true)
+            .await
+    }
+
+    pub async fn claim_key_packages(
+        &self,
+        username: &str,
+    ) -> Result<ClaimKeyPackagesResponse, CoreError> {
+        self.call::<(), _>(
+            Method::POST,
+            &format!("/v1/users/{username}/keypackages/claim"),
+            None,
+            true,
+        )
+        .await
+    }
+
+    pub async fn create_group(&self, group_id: &str) -> Result<GroupStateResponse, CoreError> {
+        let request = CreateGroupRequest {
+            group_id: group_id.to_owned(),
+        };
+        self.call(Method::POST, "/v1/groups", Some(&request), true)
+            .await
+    }
+
+    pub async fn group_state(&self, group_id: &str) -> Result<GroupStateResponse, CoreError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/groups/{group_id}"), None, true)
+            .await
+    }
+
+    pub async fn post_commit(
+        &self,
+        group_id: &str,
+        request: &PostCommitRequest,
+    ) -> Result<SequencedResponse, CoreError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/groups/{group_id}/commits"),
+            Some(request),
+            true,
+        )
+        .await
+    }
+
+    pub async fn post_proposal(
+        &self,
+        group_id: &str,
+        request: &PostProposalRequest,
+    ) -> Result<SequencedResponse, CoreError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/groups/{group_id}/proposals"),
+            Some(request),
+            true,
+        )
+        .await
+    }
+
+    pub async fn post_message(
+        &self,
+        group_id: &str,
+        request: &PostMessageRequest,
+    ) -> Result<SequencedResponse, CoreError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/groups/{group_id}/messages"),
+            Some(request),
+            true,
+        )
+        .await
+    }
+
+    pub async fn fetch_mailbox(&self, limit: usize) -> Result<MailboxResponse, CoreError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/mailbox?limit={limit}"),
+            None,
+            true,
+        )
+        .await
+    }
+
+    pub async fn ack(&self, ids: Vec<u64>) -> Result<AckResponse, CoreError> {
+        self.call(Method::POST, "/v1/mailbox/ack", Some(&AckRequest { ids }), true)
+            .await
+    }
+
+    /// Opens the device WebSocket.
+    pub async fn connect_socket(&self) -> Result<DeviceSocket, CoreError> {
+        let url = format!(
+            "{}/v1/ws",
+            self.base
+                .replacen("https://", "wss://", 1)
+                .replacen("http://", "ws://", 1)
+        );
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| CoreError::InvalidInput(e.to_string()))?;
+        let token = self.token().unwrap_or_default();
+        let header = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|e| CoreError::InvalidInput(e.to_string()))?;
+        request.headers_mut().insert("authorization", header);
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => Ok(socket),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response))
+                if response.status() == StatusCode::UNAUTHORIZED =>
+            {
+                Err(CoreError::Server {
+                    code: sealpost_proto::ErrorCode::Unauthorized,
+                    message: "the WebSocket login was refused".into(),
+                    current_epoch: None,
+                })
+            }
+            Err(e) => Err(CoreError::Unreachable {
+                url: self.base.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+fn describe(err: &reqwest::Error) -> String {
+    if err.is_connect() {
+        "connection refused or host unreachable".to_owned()
+    } else if err.is_timeout() {
+        "timed out".to_owned()
+    } else {
+        err.to_string()
+    }
+}
