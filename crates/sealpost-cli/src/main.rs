@@ -95,9 +95,7 @@ async fn run(args: Args, out: &Output) -> anyhow::Result<()> {
                 let stop = async {
                     let _ = tokio::signal::ctrl_c().await;
                 };
-                client
-                    .follow(|entries| out.entries(&entries), stop)
-                    .await?;
+                client.follow(|entries| out.entries(&entries), stop).await?;
             } else {
                 out.entries(&client.sync().await?);
             }
@@ -112,7 +110,10 @@ async fn run(args: Args, out: &Output) -> anyhow::Result<()> {
             match group {
                 GroupCommand::Create { name, members } => {
                     let conversation = client.create_group(&name, &members).await?;
-                    out.done(&format!("created group {:?}", conversation.name), &conversation);
+                    out.done(
+                        &format!("created group {:?}", conversation.name),
+                        &conversation,
+                    );
                 }
                 GroupCommand::Add { name, user } => {
                     client.add_member(&name, &user).await?;

@@ -156,7 +156,10 @@ impl Output {
                     "device_id": member.device_id,
                 }));
             } else {
-                self.line(&format!("{} (device {})", member.username, member.device_id));
+                self.line(&format!(
+                    "{} (device {})",
+                    member.username, member.device_id
+                ));
             }
         }
     }

@@ -58,6 +58,8 @@ enum Submitted {
 
 /// A Sealpost client bound to one home directory.
 pub struct Client {
+    /// Epoch conflicts met (commits or messages that lost a race); for diagnostics.
+    conflicts: std::sync::atomic::AtomicUsize,
     engine: Mutex<Engine>,
     transport: Transport,
     home: PathBuf,
@@ -79,6 +81,7 @@ impl Client {
         let transport = Transport::new(&identity.server_url)?;
         transport.set_token(engine.token()?);
         Ok(Self {
+            conflicts: Default::default(),
             engine: Mutex::new(engine),
             transport,
             home: home.to_owned(),
@@ -101,14 +104,16 @@ impl Client {
         let transport = Transport::new(server_url)?;
         // Resume an interrupted registration of the same name, so a retry after a crash
         // neither loses the key nor is refused as "username taken".
-        let resumed = engine
-            .pending_registration()?
-            .filter(|pending| pending.username == username && engine.server_url().ok().flatten().as_deref() == Some(server_url));
+        let resumed = engine.pending_registration()?.filter(|pending| {
+            pending.username == username
+                && engine.server_url().ok().flatten().as_deref() == Some(server_url)
+        });
         let request = match resumed {
             Some(request) => request,
             None => engine.create_identity(username, server_url)?,
         };
         let client = Self {
+            conflicts: Default::default(),
             engine: Mutex::new(engine),
             transport,
             home: home.to_owned(),
@@ -135,6 +140,11 @@ impl Client {
             .map_err(|_| CoreError::Codec("the engine lock is poisoned".into()))
     }
 
+    /// How many times this client lost an epoch race and retried.
+    pub fn conflicts_seen(&self) -> usize {
+        self.conflicts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn home(&self) -> &Path {
         &self.home
     }
@@ -152,7 +162,10 @@ impl Client {
 
     /// Logs in with the device key (challenge-response) and keeps the token.
     async fn login(&self) -> Result<(), CoreError> {
-        let device_id = self.engine()?.device_id()?.ok_or(CoreError::NotRegistered)?;
+        let device_id = self
+            .engine()?
+            .device_id()?
+            .ok_or(CoreError::NotRegistered)?;
         let challenge = self.transport.challenge(device_id).await?;
         let signature = self.engine()?.sign_login(challenge.nonce.as_ref())?;
         let response = self
@@ -233,6 +246,8 @@ impl Client {
                 Ok(Submitted::Accepted)
             }
             Err(err) if err.server_code() == Some(ErrorCode::EpochConflict) => {
+                self.conflicts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.engine()?.commit_rejected(outgoing)?;
                 Ok(Submitted::Conflict)
             }
@@ -258,14 +273,19 @@ impl Client {
             match answer {
                 Ok(_) => return self.engine()?.message_accepted(outgoing.request.message_id),
                 Err(err) if err.server_code() == Some(ErrorCode::EpochConflict) => {
+                    self.conflicts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let id = outgoing.request.message_id;
                     let Some(text) = self.engine()?.message_stale(id)? else {
                         return Ok(());
                     };
                     self.drain_mailbox().await?;
-                    outgoing =
-                        self.engine()?
-                            .encrypt_text(&outgoing.group_id, &text, Some(id), now_ms())?;
+                    outgoing = self.engine()?.encrypt_text(
+                        &outgoing.group_id,
+                        &text,
+                        Some(id),
+                        now_ms(),
+                    )?;
                 }
                 Err(err @ CoreError::Server { .. }) => {
                     self.engine()?.message_failed(outgoing.request.message_id)?;
@@ -620,7 +640,9 @@ impl Client {
         self.catch_up().await?;
         let conversation = self.group(name)?;
         for _ in 0..MAX_ATTEMPTS {
-            let outgoing = self.engine()?.begin_leave(&conversation.group_id, now_secs())?;
+            let outgoing = self
+                .engine()?
+                .begin_leave(&conversation.group_id, now_secs())?;
             let answer = self
                 .authed(|| {
                     self.transport
@@ -651,6 +673,16 @@ impl Client {
             return Err(CoreError::NotActive(name.to_owned()));
         }
         self.engine()?.members(&conversation.group_id)
+    }
+
+    /// The local MLS state of a conversation (no network).
+    pub fn group_snapshot(
+        &self,
+        name: &str,
+    ) -> Result<crate::engine::conversations::GroupSnapshot, CoreError> {
+        let mut engine = self.engine()?;
+        let conversation = engine.find_conversation(name)?;
+        engine.group_snapshot(&conversation.group_id)
     }
 
     pub fn conversations(&self) -> Result<Vec<ConversationSummary>, CoreError> {

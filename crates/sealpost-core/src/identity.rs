@@ -62,13 +62,16 @@ impl AccountKey {
 pub fn verify_certificate(cert: &DeviceCertificate) -> Result<(), CoreError> {
     let key = VerifyingKey::from_bytes(&cert.account_key)
         .map_err(|_| CoreError::InvalidCertificate("account key is not valid".into()))?;
-    key.verify_strict(&cert.to_be_signed(), &Signature::from_bytes(&cert.signature))
-        .map_err(|_| {
-            CoreError::InvalidCertificate(format!(
-                "certificate of {} is not signed by its account key",
-                cert.username
-            ))
-        })
+    key.verify_strict(
+        &cert.to_be_signed(),
+        &Signature::from_bytes(&cert.signature),
+    )
+    .map_err(|_| {
+        CoreError::InvalidCertificate(format!(
+            "certificate of {} is not signed by its account key",
+            cert.username
+        ))
+    })
 }
 
 /// Checks an MLS member: its credential must be a valid certificate whose device key is

@@ -109,7 +109,9 @@ mod tests {
                 v: 2,
                 id: Uuid::nil(),
                 sent_at_ms: 5,
-                body: FutureBody::Reaction { emoji: "👍".into() },
+                body: FutureBody::Reaction {
+                    emoji: "👍".into()
+                },
             },
             &mut bytes,
         )
@@ -133,7 +135,10 @@ mod tests {
                 name: "Book club".into(),
             },
         ] {
-            assert_eq!(ConversationInfo::decode(&info.encode().unwrap()).unwrap(), info);
+            assert_eq!(
+                ConversationInfo::decode(&info.encode().unwrap()).unwrap(),
+                info
+            );
         }
     }
 

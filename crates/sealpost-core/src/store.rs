@@ -150,7 +150,8 @@ pub fn meta_set(connection: &Connection, key: &str, value: &[u8]) -> Result<(), 
 pub fn meta_text(connection: &Connection, key: &str) -> Result<Option<String>, CoreError> {
     meta_get(connection, key)?
         .map(|bytes| {
-            String::from_utf8(bytes).map_err(|_| CoreError::Codec(format!("meta {key} is not UTF-8")))
+            String::from_utf8(bytes)
+                .map_err(|_| CoreError::Codec(format!("meta {key} is not UTF-8")))
         })
         .transpose()
 }

@@ -239,8 +239,13 @@ impl Transport {
     }
 
     pub async fn ack(&self, ids: Vec<u64>) -> Result<AckResponse, CoreError> {
-        self.call(Method::POST, "/v1/mailbox/ack", Some(&AckRequest { ids }), true)
-            .await
+        self.call(
+            Method::POST,
+            "/v1/mailbox/ack",
+            Some(&AckRequest { ids }),
+            true,
+        )
+        .await
     }
 
     /// Opens the device WebSocket.

@@ -171,7 +171,10 @@ mod tests {
     fn rejects_truncation_trailing_bytes_and_bad_names() {
         let bytes = sample().encode();
         for cut in 0..bytes.len() {
-            assert!(DeviceCertificate::decode(&bytes[..cut]).is_err(), "cut {cut}");
+            assert!(
+                DeviceCertificate::decode(&bytes[..cut]).is_err(),
+                "cut {cut}"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);

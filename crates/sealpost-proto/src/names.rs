@@ -50,8 +50,20 @@ mod tests {
         for good in ["bob", "alice_1", "a.b.c", "x".repeat(32).as_str()] {
             assert_eq!(validate_username(good), Ok(()), "{good}");
         }
-        for bad in ["", "ab", "Alice", "al ice", "bob!", "x".repeat(33).as_str(), "ünï"] {
-            assert_eq!(validate_username(bad), Err(NameError::InvalidUsername), "{bad}");
+        for bad in [
+            "",
+            "ab",
+            "Alice",
+            "al ice",
+            "bob!",
+            "x".repeat(33).as_str(),
+            "ünï",
+        ] {
+            assert_eq!(
+                validate_username(bad),
+                Err(NameError::InvalidUsername),
+                "{bad}"
+            );
         }
     }
 

@@ -59,16 +59,19 @@ impl From<StoreError> for ApiError {
             StoreError::UsernameTaken => {
                 Self::new(ErrorCode::UsernameTaken, "that username is already taken")
             }
-            StoreError::DeviceExists => {
-                Self::new(ErrorCode::DeviceExists, "that device id is already registered")
-            }
-            StoreError::GroupExists => {
-                Self::new(ErrorCode::GroupExists, "a group with that id already exists")
-            }
+            StoreError::DeviceExists => Self::new(
+                ErrorCode::DeviceExists,
+                "that device id is already registered",
+            ),
+            StoreError::GroupExists => Self::new(
+                ErrorCode::GroupExists,
+                "a group with that id already exists",
+            ),
             StoreError::GroupNotFound => Self::new(ErrorCode::GroupNotFound, "no such group"),
-            StoreError::NotAMember => {
-                Self::new(ErrorCode::NotAMember, "this device is not a member of the group")
-            }
+            StoreError::NotAMember => Self::new(
+                ErrorCode::NotAMember,
+                "this device is not a member of the group",
+            ),
             StoreError::EpochConflict { current } => Self {
                 code: ErrorCode::EpochConflict,
                 message: format!(
@@ -80,9 +83,10 @@ impl From<StoreError> for ApiError {
                 ErrorCode::DuplicateMessageId,
                 "this message id was already used for different content",
             ),
-            StoreError::UnknownDevice(device) => {
-                Self::new(ErrorCode::DeviceNotFound, format!("unknown device {device}"))
-            }
+            StoreError::UnknownDevice(device) => Self::new(
+                ErrorCode::DeviceNotFound,
+                format!("unknown device {device}"),
+            ),
             StoreError::NoKeyPackages(device) => Self::new(
                 ErrorCode::NoKeyPackages,
                 format!("device {device} has no KeyPackage left"),

@@ -41,7 +41,10 @@ pub fn inspect(bytes: &[u8], expected: Expected, group_id: &[u8]) -> Result<u64,
             if !matches!(public.sender(), Sender::Member(_)) {
                 return Err(invalid("handshake messages must come from a group member"));
             }
-            (public.group_id().as_slice().to_vec(), public.epoch().as_u64())
+            (
+                public.group_id().as_slice().to_vec(),
+                public.epoch().as_u64(),
+            )
         }
         (MlsMessageBodyIn::PrivateMessage(private), Expected::Application) => {
             if private.content_type() != ContentType::Application {
@@ -49,9 +52,16 @@ pub fn inspect(bytes: &[u8], expected: Expected, group_id: &[u8]) -> Result<u64,
                     "handshake messages must be sent as PublicMessage, not PrivateMessage",
                 ));
             }
-            (private.group_id().as_slice().to_vec(), private.epoch().as_u64())
+            (
+                private.group_id().as_slice().to_vec(),
+                private.epoch().as_u64(),
+            )
         }
-        _ => return Err(invalid("the MLS message has the wrong wire format for this endpoint")),
+        _ => {
+            return Err(invalid(
+                "the MLS message has the wrong wire format for this endpoint",
+            ));
+        }
     };
     if message_group != group_id {
         return Err(invalid("the MLS message belongs to another group"));

@@ -1,4 +1,6 @@
 //! A server for tests: temporary SQLite data dir, random loopback port, stops on drop.
+// Test fixture: failing to bind loopback or a crashed server must fail the test loudly.
+#![allow(clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,19 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
+        Self::start_on(config, listener)
+    }
+
+    /// Stops the server cleanly and starts it again on the same address and data.
+    pub async fn restart(mut self) -> Self {
+        let addr = self.addr;
+        let config = Config::new(self.data_dir.clone());
+        self.shutdown().await;
+        let listener = TcpListener::bind(addr).await.expect("rebind the same port");
+        Self::start_on(config, listener)
+    }
+
+    fn start_on(config: Config, listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let data_dir = config.data_dir.clone();
@@ -50,6 +65,10 @@ impl TestServer {
 
     /// Shuts the server down cleanly and waits until the database is closed.
     pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -79,6 +79,15 @@ impl Outgoing {
     }
 }
 
+/// A summary of a group's MLS state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupSnapshot {
+    pub epoch: u64,
+    /// `username/device-id`, sorted.
+    pub members: Vec<String>,
+    pub epoch_authenticator: String,
+}
+
 /// A member device of a group, as its certificate says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberDevice {
@@ -529,7 +538,11 @@ impl Engine {
     }
 
     /// The server accepted a commit: merge it.
-    pub fn commit_accepted(&mut self, outgoing: &OutgoingCommit, now: i64) -> Result<(), CoreError> {
+    pub fn commit_accepted(
+        &mut self,
+        outgoing: &OutgoingCommit,
+        now: i64,
+    ) -> Result<(), CoreError> {
         self.transact(|provider, tx, _| {
             delete_outbox(tx, outgoing.request.message_id)?;
             let Some(mut group) = load_group(provider, &outgoing.group_id)? else {
@@ -587,13 +600,23 @@ impl Engine {
                     leaving_devices: vec![identity.device_id],
                 },
             };
-            insert_outbox(tx, &Outgoing::Proposal(outgoing.clone()), group_id, None, now)?;
+            insert_outbox(
+                tx,
+                &Outgoing::Proposal(outgoing.clone()),
+                group_id,
+                None,
+                now,
+            )?;
             Ok(outgoing)
         })
     }
 
     /// The server accepted the leave: forget the group's keys.
-    pub fn leave_accepted(&mut self, outgoing: &OutgoingProposal, now: i64) -> Result<(), CoreError> {
+    pub fn leave_accepted(
+        &mut self,
+        outgoing: &OutgoingProposal,
+        now: i64,
+    ) -> Result<(), CoreError> {
         self.transact(|provider, tx, _| {
             delete_outbox(tx, outgoing.request.message_id)?;
             if let Some(mut group) = load_group(provider, &outgoing.group_id)? {
@@ -700,10 +723,7 @@ impl Engine {
     pub fn message_failed(&mut self, message_id: Uuid) -> Result<(), CoreError> {
         self.transact(|_, tx, _| {
             delete_outbox(tx, message_id)?;
-            tx.execute(
-                "DELETE FROM history WHERE id = ?",
-                [message_id.to_string()],
-            )?;
+            tx.execute("DELETE FROM history WHERE id = ?", [message_id.to_string()])?;
             Ok(())
         })
     }
@@ -719,6 +739,24 @@ impl Engine {
             out.push(serde_json::from_str(&row?).map_err(|e| CoreError::Codec(e.to_string()))?);
         }
         Ok(out)
+    }
+
+    /// Epoch, members and epoch authenticator of a conversation's MLS group: two members
+    /// with equal snapshots agree on the group state.
+    pub fn group_snapshot(&mut self, group_id: &str) -> Result<GroupSnapshot, CoreError> {
+        self.transact(|provider, _, _| {
+            let group = require_group(provider, group_id)?;
+            let mut members: Vec<String> = member_devices(&group)
+                .into_iter()
+                .map(|m| format!("{}/{}", m.username, m.device_id))
+                .collect();
+            members.sort();
+            Ok(GroupSnapshot {
+                epoch: group.epoch().as_u64(),
+                members,
+                epoch_authenticator: hex::encode(group.epoch_authenticator().as_slice()),
+            })
+        })
     }
 
     /// The member devices of a conversation's MLS group.

@@ -9,8 +9,7 @@
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, Sender,
-    StagedWelcome,
+    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, Sender, StagedWelcome,
 };
 use openmls_traits::OpenMlsProvider as _;
 use rusqlite::{OptionalExtension as _, Transaction, params};
@@ -189,9 +188,7 @@ fn process_in_group(
             let message = AppMessage::decode(&message.into_bytes())?;
             let text = match message.body {
                 Body::Text { text } => text,
-                Body::Unsupported => {
-                    "(a message this version of Sealpost cannot show)".to_owned()
-                }
+                Body::Unsupported => "(a message this version of Sealpost cannot show)".to_owned(),
             };
             let inserted = tx.execute(
                 "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, text, \
@@ -216,9 +213,7 @@ fn process_in_group(
         ProcessedMessageContent::ProposalMessage(queued) => {
             // Only "I leave" proposals are accepted: a Remove of the proposer's own leaf.
             let own_leave = match (queued.proposal(), queued.sender()) {
-                (Proposal::Remove(remove), Sender::Member(sender)) => {
-                    remove.removed() == *sender
-                }
+                (Proposal::Remove(remove), Sender::Member(sender)) => remove.removed() == *sender,
                 _ => false,
             };
             if !own_leave {
@@ -340,7 +335,13 @@ impl Engine {
                 };
                 self.transact(|_, tx, _| {
                     mark_processed(tx, envelope, now)?;
-                    Ok(vec![insert_notice(tx, &envelope.group_id, &text, now, false)?])
+                    Ok(vec![insert_notice(
+                        tx,
+                        &envelope.group_id,
+                        &text,
+                        now,
+                        false,
+                    )?])
                 })?
             }
             Err(err) => return Err(err),
@@ -358,7 +359,11 @@ impl Engine {
     /// ids to acknowledge. Each envelope commits with `synchronous = NORMAL` (safe against
     /// a process crash); one FULL commit at the end fsyncs the WAL, making the whole batch
     /// durable against power loss before anything is acknowledged to the server.
-    pub fn process_batch(&mut self, envelopes: &[Envelope], now: i64) -> Result<Vec<u64>, CoreError> {
+    pub fn process_batch(
+        &mut self,
+        envelopes: &[Envelope],
+        now: i64,
+    ) -> Result<Vec<u64>, CoreError> {
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         let mut acks = Vec::with_capacity(envelopes.len());
         let mut result = Ok(());
@@ -376,4 +381,3 @@ impl Engine {
         result.map(|()| acks)
     }
 }
-

@@ -179,7 +179,6 @@ impl Engine {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let provider = Provider::new(&self.crypto, &tx);
         let result = f(&provider, &tx, self.identity.as_ref())?;
-        drop(provider);
         tx.commit()?;
         Ok(result)
     }
@@ -224,8 +223,8 @@ impl Engine {
 
     /// Marks the identity created by [`Self::create_identity`] as registered.
     pub fn confirm_registration(&mut self) -> Result<(), CoreError> {
-        let username = store::meta_text(&self.conn, "pending_username")?
-            .ok_or(CoreError::NotRegistered)?;
+        let username =
+            store::meta_text(&self.conn, "pending_username")?.ok_or(CoreError::NotRegistered)?;
         store::meta_set(&self.conn, "username", username.as_bytes())?;
         self.conn
             .execute("DELETE FROM meta WHERE key = 'pending_username'", [])?;
@@ -261,8 +260,8 @@ impl Engine {
 
     /// Signs a login challenge with the device key.
     pub fn sign_login(&self, nonce: &[u8]) -> Result<Vec<u8>, CoreError> {
-        let device_public = store::meta_get(&self.conn, "device_public")?
-            .ok_or(CoreError::NotRegistered)?;
+        let device_public =
+            store::meta_get(&self.conn, "device_public")?.ok_or(CoreError::NotRegistered)?;
         let device_id = self.device_id()?.ok_or(CoreError::NotRegistered)?;
         let provider = Provider::new(&self.crypto, &self.conn);
         let signer = SignatureKeyPair::read(
@@ -312,7 +311,11 @@ impl Engine {
             let key_packages = (0..count)
                 .map(|_| build(false))
                 .collect::<Result<Vec<_>, _>>()?;
-            let last_resort = if last_resort { Some(build(true)?) } else { None };
+            let last_resort = if last_resort {
+                Some(build(true)?)
+            } else {
+                None
+            };
             Ok(UploadKeyPackagesRequest {
                 key_packages,
                 last_resort,

@@ -63,8 +63,7 @@ fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ConversationSum
     })
 }
 
-const HISTORY_COLUMNS: &str =
-    "h.id, h.group_id, h.sender, h.sender_device, h.kind, h.text, h.sent_at_ms, h.outgoing, \
+const HISTORY_COLUMNS: &str = "h.id, h.group_id, h.sender, h.sender_device, h.kind, h.text, h.sent_at_ms, h.outgoing, \
      CASE WHEN c.kind = 'direct' THEN c.peer ELSE c.name END AS label";
 
 fn entry_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryEntry> {
@@ -84,7 +83,10 @@ fn entry_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryEntry> {
 }
 
 /// Reads one history entry by message id.
-pub(crate) fn history_entry(conn: &Connection, id: &str) -> Result<Option<HistoryEntry>, CoreError> {
+pub(crate) fn history_entry(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<HistoryEntry>, CoreError> {
     let sql = format!(
         "SELECT {HISTORY_COLUMNS} FROM history h LEFT JOIN conversations c ON c.group_id = h.group_id WHERE h.id = ?"
     );

@@ -6,8 +6,8 @@ use axum::http::StatusCode;
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand::RngCore as _;
 use sealpost_proto::api::{
-    ChallengeRequest, ChallengeResponse, DeviceInfo, LoginRequest, LoginResponse,
-    RegisterRequest, RegisterResponse, UserDevicesResponse, WhoAmIResponse, login_signed_bytes,
+    ChallengeRequest, ChallengeResponse, DeviceInfo, LoginRequest, LoginResponse, RegisterRequest,
+    RegisterResponse, UserDevicesResponse, WhoAmIResponse, login_signed_bytes,
 };
 use sealpost_proto::certificate::DeviceCertificate;
 use sealpost_proto::names::validate_username;
@@ -48,7 +48,10 @@ pub(crate) fn verify_certificate(
     VerifyingKey::from_bytes(&cert.device_key)
         .map_err(|_| invalid("device key is not a valid Ed25519 key"))?;
     account_key
-        .verify_strict(&cert.to_be_signed(), &Signature::from_bytes(&cert.signature))
+        .verify_strict(
+            &cert.to_be_signed(),
+            &Signature::from_bytes(&cert.signature),
+        )
         .map_err(|_| invalid("device certificate signature does not verify"))?;
     Ok(cert)
 }
@@ -141,16 +144,20 @@ pub async fn login(
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::DeviceNotFound, "unknown device"))?;
     let key = verifying_key(&device.signature_key, "device key")?;
-    let signature: [u8; 64] = request
-        .signature
-        .as_ref()
-        .try_into()
-        .map_err(|_| ApiError::new(ErrorCode::InvalidSignature, "signature must be 64 bytes"))?;
+    let signature: [u8; 64] =
+        request.signature.as_ref().try_into().map_err(|_| {
+            ApiError::new(ErrorCode::InvalidSignature, "signature must be 64 bytes")
+        })?;
     key.verify_strict(
         &login_signed_bytes(&device_id, &nonce),
         &Signature::from_bytes(&signature),
     )
-    .map_err(|_| ApiError::new(ErrorCode::InvalidSignature, "login signature does not verify"))?;
+    .map_err(|_| {
+        ApiError::new(
+            ErrorCode::InvalidSignature,
+            "login signature does not verify",
+        )
+    })?;
 
     let mut token = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut token);

@@ -3,8 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use sealpost_proto::api::{
-    ClaimKeyPackagesResponse, ClaimedKeyPackage, KeyPackageCountResponse,
-    UploadKeyPackagesRequest,
+    ClaimKeyPackagesResponse, ClaimedKeyPackage, KeyPackageCountResponse, UploadKeyPackagesRequest,
 };
 use sealpost_proto::names::validate_username;
 use sealpost_proto::{Bytes64, ErrorCode, limits};

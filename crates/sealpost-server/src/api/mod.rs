@@ -107,14 +107,16 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Log the route template, never the concrete URI (usernames) or the peer address.
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-            let route = request
-                .extensions()
-                .get::<MatchedPath>()
-                .map(MatchedPath::as_str)
-                .unwrap_or("unmatched");
-            tracing::info_span!("request", method = %request.method(), route)
-        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let route = request
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map(MatchedPath::as_str)
+                    .unwrap_or("unmatched");
+                tracing::info_span!("request", method = %request.method(), route)
+            }),
+        )
         .with_state(state)
 }
 

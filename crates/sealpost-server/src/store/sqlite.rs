@@ -84,10 +84,11 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
 }
 
 async fn members_of(conn: &mut SqliteConnection, group_id: &str) -> Result<Vec<Uuid>, StoreError> {
-    let rows = sqlx::query("SELECT device_id FROM group_members WHERE group_id = ? ORDER BY device_id")
-        .bind(group_id)
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows =
+        sqlx::query("SELECT device_id FROM group_members WHERE group_id = ? ORDER BY device_id")
+            .bind(group_id)
+            .fetch_all(&mut *conn)
+            .await?;
     rows.iter()
         .map(|row| uuid_from(&row.try_get::<Vec<u8>, _>(0)?))
         .collect()
@@ -216,12 +217,14 @@ impl Store for SqliteStore {
     }
 
     async fn touch_last_seen(&self, username: &str, day: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE accounts SET last_seen_day = ? WHERE username = ? AND last_seen_day < ?")
-            .bind(day)
-            .bind(username)
-            .bind(day)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            "UPDATE accounts SET last_seen_day = ? WHERE username = ? AND last_seen_day < ?",
+        )
+        .bind(day)
+        .bind(username)
+        .bind(day)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -393,10 +396,11 @@ impl Store for SqliteStore {
 
     async fn create_group(&self, group_id: &str, creator: Uuid) -> Result<GroupState, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let inserted = sqlx::query("INSERT INTO groups (group_id, epoch, next_seq) VALUES (?, 0, 1)")
-            .bind(group_id)
-            .execute(&mut *tx)
-            .await;
+        let inserted =
+            sqlx::query("INSERT INTO groups (group_id, epoch, next_seq) VALUES (?, 0, 1)")
+                .bind(group_id)
+                .execute(&mut *tx)
+                .await;
         match inserted {
             Err(err) if is_unique_violation(&err) => return Err(StoreError::GroupExists),
             other => other?,
@@ -596,7 +600,10 @@ impl Store for SqliteStore {
                 group_seq: row.try_get::<i64, _>("group_seq")? as u64,
                 kind,
                 server_time: row.try_get("server_time")?,
-                payload: Bytes64(row.try_get::<Option<Vec<u8>>, _>("payload")?.unwrap_or_default()),
+                payload: Bytes64(
+                    row.try_get::<Option<Vec<u8>>, _>("payload")?
+                        .unwrap_or_default(),
+                ),
             });
         }
         Ok((envelopes, more))

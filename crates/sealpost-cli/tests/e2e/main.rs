@@ -1,0 +1,12 @@
+//! End-to-end tests: a real server on a random loopback port, real clients (the
+//! `sealpost` binary and the `sealpost-core` library) in temporary home directories.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+mod at_rest;
+mod chat;
+mod concurrency;
+mod hostile_input;
+mod offline;
+mod property;
