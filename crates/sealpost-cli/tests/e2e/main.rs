@@ -7,6 +7,8 @@ mod common;
 mod at_rest;
 mod chat;
 mod concurrency;
+mod crash_recovery;
+mod follow;
 mod hostile_input;
 mod offline;
 mod property;

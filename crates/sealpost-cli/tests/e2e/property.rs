@@ -101,7 +101,7 @@ async fn run(users: usize, ops: Vec<Op>) {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 6,
+        cases: 24,
         max_shrink_iters: 20,
         failure_persistence: None,
         ..ProptestConfig::default()

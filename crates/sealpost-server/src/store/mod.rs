@@ -11,6 +11,8 @@
 //! independent of the database so that a PostgreSQL backend can follow and be checked by
 //! the same conformance tests.
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod conformance;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -661,3 +661,40 @@ impl Store for SqliteStore {
         Ok(mailbox)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_store_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("test.db"))
+            .await
+            .unwrap();
+        super::super::conformance::run_all(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn committed_data_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        store
+            .create_group(&"dd".repeat(16), Uuid::nil())
+            .await
+            .unwrap();
+        store.close().await;
+        let reopened = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(
+            reopened
+                .group(&"dd".repeat(16))
+                .await
+                .unwrap()
+                .unwrap()
+                .epoch,
+            0
+        );
+    }
+}
