@@ -372,6 +372,23 @@ async fn bad_input_gets_json_errors_and_the_server_keeps_serving() {
         413,
         "payload_too_large",
     );
+    // Handshake caps leave room for large groups: a 3 MB commit (about a 1,000-member add
+    // with the hybrid suite) passes the size check and is judged on its content.
+    let commits = format!("/v1/groups/{group}/commits");
+    let large =
+        json!({"message_id": Uuid::new_v4(), "commit": Bytes64::encode(&vec![0xffu8; 3 << 20])});
+    expect(
+        api.json(Method::POST, &commits, token, large).await,
+        400,
+        "invalid_message",
+    );
+    let oversized =
+        json!({"message_id": Uuid::new_v4(), "commit": Bytes64::encode(&vec![0xffu8; 5 << 20])});
+    expect(
+        api.json(Method::POST, &commits, token, oversized).await,
+        413,
+        "payload_too_large",
+    );
     let (status, created) = api
         .json(
             Method::POST,

@@ -91,17 +91,22 @@ async fn run(users: usize, ops: Vec<Op>) {
                 USERS[member]
             );
         }
-        // Every member agrees on the group state.
-        assert_eq!(
-            client.group_snapshot("g").unwrap(),
-            clients[0].group_snapshot("g").unwrap()
-        );
+    }
+    // Every remaining member agrees on the group state.
+    let snapshots: Vec<_> = members
+        .keys()
+        .map(|&m| clients[m].group_snapshot("g").unwrap())
+        .collect();
+    for snapshot in &snapshots {
+        assert_eq!(snapshot, &snapshots[0]);
+        assert_eq!(snapshot.members.len(), members.len());
     }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 24,
+        // More with PROPTEST_CASES=N (e.g. a nightly soak).
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
         max_shrink_iters: 20,
         failure_persistence: None,
         ..ProptestConfig::default()

@@ -15,7 +15,7 @@ use sealpost_proto::{Bytes64, ErrorCode, limits};
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
-use super::{ApiJson, AppState, AuthDevice};
+use super::{ApiJson, AppState, AuthDevice, existing_account};
 use crate::clock;
 use crate::error::ApiError;
 use crate::store::{AccountRecord, DeviceRecord};
@@ -193,13 +193,7 @@ pub async fn user_devices(
     _auth: AuthDevice,
     Path(username): Path<String>,
 ) -> Result<Json<UserDevicesResponse>, ApiError> {
-    validate_username(&username)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
-    let account = state
-        .store
-        .account(&username)
-        .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::UserNotFound, "no such user"))?;
+    let account = existing_account(&state, &username).await?;
     let devices = state.store.devices_of(&username).await?;
     Ok(Json(UserDevicesResponse {
         username,

@@ -5,10 +5,9 @@ use axum::extract::{Path, State};
 use sealpost_proto::api::{
     ClaimKeyPackagesResponse, ClaimedKeyPackage, KeyPackageCountResponse, UploadKeyPackagesRequest,
 };
-use sealpost_proto::names::validate_username;
 use sealpost_proto::{Bytes64, ErrorCode, limits};
 
-use super::{ApiJson, AppState, AuthDevice};
+use super::{ApiJson, AppState, AuthDevice, existing_account};
 use crate::error::ApiError;
 use crate::store::KeyPackageCount;
 
@@ -79,13 +78,7 @@ pub async fn claim(
     _auth: AuthDevice,
     Path(username): Path<String>,
 ) -> Result<Json<ClaimKeyPackagesResponse>, ApiError> {
-    validate_username(&username)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
-    let account = state
-        .store
-        .account(&username)
-        .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::UserNotFound, "no such user"))?;
+    let account = existing_account(&state, &username).await?;
     let claimed = state.store.claim_key_packages(&username).await?;
     Ok(Json(ClaimKeyPackagesResponse {
         username,

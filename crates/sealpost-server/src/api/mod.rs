@@ -67,6 +67,20 @@ impl FromRequestParts<AppState> for AuthDevice {
     }
 }
 
+/// Looks up an account named in a path, validating the name first.
+pub(crate) async fn existing_account(
+    state: &AppState,
+    username: &str,
+) -> Result<crate::store::AccountRecord, ApiError> {
+    sealpost_proto::names::validate_username(username)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))?;
+    state
+        .store
+        .account(username)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::UserNotFound, "no such user"))
+}
+
 /// Builds the API router.
 pub fn router(state: AppState) -> Router {
     let small = DefaultBodyLimit::max(limits::SMALL_BODY_MAX_BYTES);

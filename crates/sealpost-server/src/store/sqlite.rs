@@ -65,6 +65,11 @@ impl SqliteStore {
     }
 }
 
+const DEVICES_OF_USER: &str = "SELECT device_id, username, signature_key, certificate, \
+     created_day FROM devices WHERE username = ? ORDER BY created_day, device_id";
+const DEVICE_BY_ID: &str = "SELECT device_id, username, signature_key, certificate, \
+     created_day FROM devices WHERE device_id = ?";
+
 fn uuid_from(bytes: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(bytes).map_err(|_| StoreError::Invalid("stored device id is not 16 bytes"))
 }
@@ -195,24 +200,18 @@ impl Store for SqliteStore {
     }
 
     async fn devices_of(&self, username: &str) -> Result<Vec<DeviceRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT device_id, username, signature_key, certificate, created_day FROM devices \
-             WHERE username = ? ORDER BY created_day, device_id",
-        )
-        .bind(username)
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(DEVICES_OF_USER)
+            .bind(username)
+            .fetch_all(&self.reader)
+            .await?;
         rows.iter().map(device_from_row).collect()
     }
 
     async fn device(&self, device_id: Uuid) -> Result<Option<DeviceRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT device_id, username, signature_key, certificate, created_day FROM devices \
-             WHERE device_id = ?",
-        )
-        .bind(device_id.as_bytes().as_slice())
-        .fetch_optional(&self.reader)
-        .await?;
+        let row = sqlx::query(DEVICE_BY_ID)
+            .bind(device_id.as_bytes().as_slice())
+            .fetch_optional(&self.reader)
+            .await?;
         row.as_ref().map(device_from_row).transpose()
     }
 
@@ -361,13 +360,10 @@ impl Store for SqliteStore {
         username: &str,
     ) -> Result<Vec<(DeviceRecord, Vec<u8>)>, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let rows = sqlx::query(
-            "SELECT device_id, username, signature_key, certificate, created_day FROM devices \
-             WHERE username = ? ORDER BY created_day, device_id",
-        )
-        .bind(username)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(DEVICES_OF_USER)
+            .bind(username)
+            .fetch_all(&mut *tx)
+            .await?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
             let device = device_from_row(row)?;
