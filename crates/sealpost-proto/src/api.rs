@@ -20,6 +20,17 @@
 //! | `GET /v1/mailbox?limit=N` *auth* | → [`MailboxResponse`] |
 //! | `POST /v1/mailbox/ack` *auth* | [`AckRequest`] → [`AckResponse`] |
 //! | `GET /v1/ws` *auth* | WebSocket of [`ServerEvent`] |
+//! | `DELETE /v1/accounts/me` *auth* | deletes the account and all its devices |
+//! | `PUT /v1/devices/{device_id}/name` *auth* | [`RenameDeviceRequest`] |
+//! | `DELETE /v1/devices/{device_id}` *auth* | revokes another device of the account |
+//! | `POST /v1/devices/{device_id}/keypackages/claim` *auth* | → [`ClaimKeyPackagesResponse`] (one entry) |
+//! | `POST /v1/links` *auth* | [`CreateLinkRequest`] → [`CreateLinkResponse`] |
+//! | `GET /v1/links/{link_id}` *auth* | → [`LinkStatusResponse`] |
+//! | `POST /v1/links/{link_id}/join` | [`JoinLinkRequest`] |
+//! | `POST /v1/links/{link_id}/complete` *auth* | [`CompleteLinkRequest`] |
+//! | `POST /v1/links/{link_id}/result` | [`LinkResultRequest`] → [`LinkResultResponse`] |
+//!
+//! Link ids are 16 lowercase hex characters (8 random bytes chosen by the existing device).
 //!
 //! Group ids are 32 lowercase hex characters (16 random bytes chosen by the creator).
 
@@ -112,6 +123,72 @@ pub struct DeviceInfo {
     pub certificate: Bytes64,
     /// Day the device was registered, `YYYY-MM-DD`.
     pub created: String,
+    /// The device's name, sealed with a key only the account's devices hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_sealed: Option<Bytes64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameDeviceRequest {
+    pub name_sealed: Bytes64,
+}
+
+/// Opens a device-link session. The server keeps `verifier` (SHA-256 of a key derived
+/// from the link code) and never learns the code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateLinkRequest {
+    pub link_id: String,
+    pub verifier: Bytes64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateLinkResponse {
+    pub expires_in_secs: u64,
+}
+
+/// The new device's first message: proof of the link code and its sealed request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinLinkRequest {
+    pub proof: Bytes64,
+    pub sealed_request: Bytes64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkStatusResponse {
+    /// `open`, `joined` or `completed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_request: Option<Bytes64>,
+}
+
+/// The existing device registers the new device and leaves a sealed response for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteLinkRequest {
+    pub device_certificate: Bytes64,
+    pub sealed_response: Bytes64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkResultRequest {
+    pub proof: Bytes64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkResultResponse {
+    pub sealed_response: Bytes64,
+}
+
+/// Checks a link id: 16 lowercase hex characters.
+pub fn is_valid_link_id(link_id: &str) -> bool {
+    link_id.len() == 16
+        && link_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -47,6 +47,12 @@ pub enum ErrorCode {
     InvalidMessage,
     /// A message id was reused for different content.
     DuplicateMessageId,
+    /// A device-link code is unknown, expired, already used, or was guessed too often.
+    LinkInvalid,
+    /// A device-link proof does not match the link code.
+    LinkProofInvalid,
+    /// A device-link session is not ready for this step yet; retry shortly.
+    LinkPending,
     /// A device of the user has no KeyPackage left.
     NoKeyPackages,
     /// An account or device limit has been reached.
@@ -73,7 +79,9 @@ impl ErrorCode {
             | Self::InvalidMessage => 400,
             Self::Unauthorized | Self::ChallengeInvalid | Self::InvalidSignature => 401,
             Self::NotAMember => 403,
+            Self::LinkProofInvalid => 401,
             Self::UserNotFound
+            | Self::LinkInvalid
             | Self::DeviceNotFound
             | Self::GroupNotFound
             | Self::NotFound
@@ -83,6 +91,7 @@ impl ErrorCode {
             | Self::DeviceExists
             | Self::GroupExists
             | Self::EpochConflict
+            | Self::LinkPending
             | Self::DuplicateMessageId => 409,
             Self::PayloadTooLarge => 413,
             Self::LimitExceeded => 422,
@@ -112,6 +121,9 @@ impl ErrorCode {
             Self::EpochConflict => "epoch_conflict",
             Self::InvalidMessage => "invalid_message",
             Self::DuplicateMessageId => "duplicate_message_id",
+            Self::LinkInvalid => "link_invalid",
+            Self::LinkProofInvalid => "link_proof_invalid",
+            Self::LinkPending => "link_pending",
             Self::NoKeyPackages => "no_key_packages",
             Self::LimitExceeded => "limit_exceeded",
             Self::RateLimited => "rate_limited",
@@ -180,6 +192,9 @@ mod tests {
             ErrorCode::EpochConflict,
             ErrorCode::InvalidMessage,
             ErrorCode::DuplicateMessageId,
+            ErrorCode::LinkInvalid,
+            ErrorCode::LinkProofInvalid,
+            ErrorCode::LinkPending,
             ErrorCode::NoKeyPackages,
             ErrorCode::LimitExceeded,
             ErrorCode::RateLimited,

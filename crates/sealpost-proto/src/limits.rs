@@ -45,3 +45,14 @@ pub const COMMIT_BODY_MAX_BYTES: usize = (COMMIT_MAX_BYTES + WELCOME_MAX_BYTES) 
 /// Body cap for KeyPackage uploads.
 pub const KEY_PACKAGE_BODY_MAX_BYTES: usize =
     (KEY_PACKAGES_PER_UPLOAD + 1) * KEY_PACKAGE_MAX_BYTES * 4 / 3 + 64 * 1024;
+
+/// A device-link session lives this long.
+pub const LINK_TTL_SECS: u64 = 600;
+/// Wrong proofs a link session tolerates before it is destroyed.
+pub const LINK_MAX_ATTEMPTS: i64 = 5;
+/// A sealed link request or response.
+pub const LINK_SEALED_MAX_BYTES: usize = 4 * 1024;
+/// A sealed device name.
+pub const DEVICE_NAME_SEALED_MAX_BYTES: usize = 512;
+/// A device name, in characters.
+pub const DEVICE_NAME_MAX_CHARS: usize = 64;

@@ -87,6 +87,10 @@ impl From<StoreError> for ApiError {
                 ErrorCode::DeviceNotFound,
                 format!("unknown device {device}"),
             ),
+            StoreError::LinkInvalid => Self::new(
+                ErrorCode::LinkInvalid,
+                "the link code is unknown, expired or already used",
+            ),
             StoreError::NoKeyPackages(device) => Self::new(
                 ErrorCode::NoKeyPackages,
                 format!("device {device} has no KeyPackage left"),

@@ -84,6 +84,7 @@ pub async fn register(
                 signature_key: cert.device_key.to_vec(),
                 certificate: request.device_certificate.into_inner(),
                 created_day: today,
+                name_sealed: None,
             },
         )
         .await?;
@@ -204,7 +205,19 @@ pub async fn user_devices(
                 device_id: device.device_id,
                 certificate: Bytes64(device.certificate),
                 created: clock::format_day(device.created_day),
+                name_sealed: device.name_sealed.map(Bytes64),
             })
             .collect(),
     }))
+}
+
+/// Deletes the caller's account and all its devices. The username becomes free again; a
+/// new account under it has a new account key, which contacts see as a key change.
+pub async fn delete_account(
+    State(state): State<AppState>,
+    AuthDevice(device): AuthDevice,
+) -> Result<StatusCode, ApiError> {
+    state.store.delete_account(&device.username).await?;
+    tracing::info!("account deleted");
+    Ok(StatusCode::NO_CONTENT)
 }

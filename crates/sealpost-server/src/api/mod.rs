@@ -5,8 +5,10 @@
 //! limit before it is buffered.
 
 mod accounts;
+mod devices;
 mod groups;
 mod keypackages;
+mod links;
 mod mailbox;
 mod ws;
 
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath};
 use axum::http::request::Parts;
 use axum::http::{Request, header};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use sealpost_proto::{ErrorCode, limits};
 use sha2::{Digest as _, Sha256};
@@ -87,6 +89,27 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/accounts", post(accounts::register).layer(small))
+        .route("/v1/accounts/me", delete(accounts::delete_account))
+        .route("/v1/devices/{device_id}", delete(devices::remove))
+        .route(
+            "/v1/devices/{device_id}/name",
+            put(devices::rename).layer(small),
+        )
+        .route(
+            "/v1/devices/{device_id}/keypackages/claim",
+            post(devices::claim),
+        )
+        .route("/v1/links", post(links::create).layer(small))
+        .route("/v1/links/{link_id}", get(links::status))
+        .route("/v1/links/{link_id}/join", post(links::join).layer(small))
+        .route(
+            "/v1/links/{link_id}/complete",
+            post(links::complete).layer(small),
+        )
+        .route(
+            "/v1/links/{link_id}/result",
+            post(links::result).layer(small),
+        )
         .route("/v1/auth/challenge", post(accounts::challenge).layer(small))
         .route("/v1/auth/login", post(accounts::login).layer(small))
         .route("/v1/me", get(accounts::whoami))

@@ -8,7 +8,9 @@
 use sealpost_proto::api::EnvelopeKind;
 use uuid::Uuid;
 
-use super::{AccountRecord, DeviceRecord, SequenceRequest, Store, StoreError};
+use super::{
+    AccountRecord, DeviceRecord, LinkRecord, LinkState, SequenceRequest, Store, StoreError,
+};
 
 const NOW: i64 = 1_800_000_000;
 
@@ -19,6 +21,7 @@ fn device(username: &str) -> DeviceRecord {
         signature_key: vec![1; 32],
         certificate: vec![2; 150],
         created_day: NOW / 86_400,
+        name_sealed: None,
     }
 }
 
@@ -71,6 +74,158 @@ pub async fn run_all(store: &dyn Store) {
     commits_are_sequenced_by_epoch(store).await;
     mailboxes_deliver_in_order_until_acknowledged(store).await;
     undelivered_messages_expire(store).await;
+    devices_are_added_renamed_and_revoked(store).await;
+    link_sessions_are_single_use_and_burn_after_wrong_proofs(store).await;
+}
+
+async fn devices_are_added_renamed_and_revoked(store: &dyn Store) {
+    let first = account(store, "multi").await;
+    let second = device("multi");
+    store.add_device(&second, 2).await.unwrap();
+    assert!(matches!(
+        store.add_device(&device("multi"), 2).await,
+        Err(StoreError::LimitExceeded(_))
+    ));
+    assert!(matches!(
+        store.add_device(&second, 5).await,
+        Err(StoreError::DeviceExists)
+    ));
+    store
+        .set_device_name(second.device_id, b"sealed")
+        .await
+        .unwrap();
+    let listed = store.devices_of("multi").await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        listed
+            .iter()
+            .find(|d| d.device_id == second.device_id)
+            .unwrap()
+            .name_sealed,
+        Some(b"sealed".to_vec())
+    );
+
+    // Revocation: token, KeyPackages, memberships and mailbox go with the device.
+    store
+        .insert_token(b"multi-token", second.device_id, NOW + 100)
+        .await
+        .unwrap();
+    store
+        .add_key_packages(second.device_id, &[b"kp".to_vec()], None, 10)
+        .await
+        .unwrap();
+    let group = "ee".repeat(16);
+    store.create_group(&group, first.device_id).await.unwrap();
+    let mut add = request(&group, first.device_id, EnvelopeKind::Commit, 0, b"add");
+    add.added_devices = vec![second.device_id];
+    add.welcome = Some(b"w".to_vec());
+    store.sequence(add).await.unwrap();
+    store.remove_device(second.device_id).await.unwrap();
+    assert!(
+        store
+            .device_for_token(b"multi-token", NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.device(second.device_id).await.unwrap().is_none());
+    assert_eq!(
+        store.group(&group).await.unwrap().unwrap().members,
+        vec![first.device_id]
+    );
+    assert!(
+        store
+            .fetch_mailbox(second.device_id, 10)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+
+    // Deleting the account frees the username.
+    store.delete_account("multi").await.unwrap();
+    assert!(store.account("multi").await.unwrap().is_none());
+    assert!(store.devices_of("multi").await.unwrap().is_empty());
+    account(store, "multi").await;
+}
+
+async fn link_sessions_are_single_use_and_burn_after_wrong_proofs(store: &dyn Store) {
+    let owner = account(store, "linker").await;
+    let session = |id: &[u8], expires_at| LinkRecord {
+        link_id: id.to_vec(),
+        owner_device: owner.device_id,
+        verifier: vec![9; 32],
+        expires_at,
+        failed_attempts: 0,
+        state: LinkState::Open,
+        sealed_request: None,
+        sealed_response: None,
+    };
+    store
+        .create_link(&session(b"link-1", NOW + 600))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .create_link(&session(b"link-1", NOW + 600))
+            .await
+            .is_err()
+    );
+    assert!(store.link(b"link-1", NOW + 601).await.unwrap().is_none());
+
+    // Wrong proofs: the fifth destroys the session.
+    for attempt in 1..=4 {
+        assert!(
+            !store.link_failed_attempt(b"link-1", 5).await.unwrap(),
+            "{attempt}"
+        );
+    }
+    assert_eq!(
+        store
+            .link(b"link-1", NOW)
+            .await
+            .unwrap()
+            .unwrap()
+            .failed_attempts,
+        4
+    );
+    assert!(store.link_failed_attempt(b"link-1", 5).await.unwrap());
+    assert!(store.link(b"link-1", NOW).await.unwrap().is_none());
+
+    // A complete run, each step once.
+    store
+        .create_link(&session(b"link-2", NOW + 600))
+        .await
+        .unwrap();
+    let new_device = device("linker");
+    assert!(matches!(
+        store
+            .link_complete(b"link-2", &new_device, b"resp", 16)
+            .await,
+        Err(StoreError::LinkInvalid)
+    ));
+    store.link_join(b"link-2", b"req").await.unwrap();
+    assert!(matches!(
+        store.link_join(b"link-2", b"again").await,
+        Err(StoreError::LinkInvalid)
+    ));
+    let joined = store.link(b"link-2", NOW).await.unwrap().unwrap();
+    assert_eq!(
+        (joined.state, joined.sealed_request),
+        (LinkState::Joined, Some(b"req".to_vec()))
+    );
+    assert_eq!(store.link_take_result(b"link-2").await.unwrap(), None);
+    store
+        .link_complete(b"link-2", &new_device, b"resp", 16)
+        .await
+        .unwrap();
+    assert!(store.device(new_device.device_id).await.unwrap().is_some());
+    assert_eq!(
+        store.link_take_result(b"link-2").await.unwrap(),
+        Some(b"resp".to_vec())
+    );
+    assert_eq!(store.link_take_result(b"link-2").await.unwrap(), None);
+    assert!(store.link(b"link-2", NOW).await.unwrap().is_none());
 }
 
 async fn accounts_are_unique(store: &dyn Store) {

@@ -40,6 +40,8 @@ pub enum StoreError {
     DuplicateMessageId,
     #[error("device {0} is unknown")]
     UnknownDevice(Uuid),
+    #[error("the link is unknown, expired or already used")]
+    LinkInvalid,
     #[error("device {0} has no KeyPackage left")]
     NoKeyPackages(Uuid),
     #[error("limit reached: {0}")]
@@ -67,6 +69,51 @@ pub struct DeviceRecord {
     pub signature_key: Vec<u8>,
     pub certificate: Vec<u8>,
     pub created_day: i64,
+    /// The device's name, sealed by the account's devices (opaque to the server).
+    pub name_sealed: Option<Vec<u8>>,
+}
+
+/// Where a device-link session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Created by an existing device, waiting for the new device.
+    Open,
+    /// The new device sent its sealed request.
+    Joined,
+    /// The existing device registered the new device and left its sealed response.
+    Completed,
+}
+
+impl LinkState {
+    fn as_i64(self) -> i64 {
+        match self {
+            Self::Open => 0,
+            Self::Joined => 1,
+            Self::Completed => 2,
+        }
+    }
+
+    fn from_i64(value: i64) -> Option<Self> {
+        match value {
+            0 => Some(Self::Open),
+            1 => Some(Self::Joined),
+            2 => Some(Self::Completed),
+            _ => None,
+        }
+    }
+}
+
+/// A device-link session (see `api::links`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkRecord {
+    pub link_id: Vec<u8>,
+    pub owner_device: Uuid,
+    pub verifier: Vec<u8>,
+    pub expires_at: i64,
+    pub failed_attempts: i64,
+    pub state: LinkState,
+    pub sealed_request: Option<Vec<u8>>,
+    pub sealed_response: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +169,34 @@ pub trait Store: Send + Sync + 'static {
     async fn devices_of(&self, username: &str) -> Result<Vec<DeviceRecord>, StoreError>;
     async fn device(&self, device_id: Uuid) -> Result<Option<DeviceRecord>, StoreError>;
     async fn touch_last_seen(&self, username: &str, day: i64) -> Result<(), StoreError>;
+    /// Adds a device to an existing account, up to `max_devices` per account.
+    async fn add_device(&self, device: &DeviceRecord, max_devices: usize)
+    -> Result<(), StoreError>;
+    /// Removes a device and everything tied to it: tokens, KeyPackages, group memberships
+    /// (delivery stops at once) and its mailbox.
+    async fn remove_device(&self, device_id: Uuid) -> Result<(), StoreError>;
+    async fn set_device_name(&self, device_id: Uuid, name_sealed: &[u8]) -> Result<(), StoreError>;
+    /// Deletes an account and all its devices.
+    async fn delete_account(&self, username: &str) -> Result<(), StoreError>;
+
+    async fn create_link(&self, link: &LinkRecord) -> Result<(), StoreError>;
+    /// An unexpired link session.
+    async fn link(&self, link_id: &[u8], now: i64) -> Result<Option<LinkRecord>, StoreError>;
+    /// Counts a wrong proof; the session is deleted once `max` attempts failed. Returns
+    /// whether the session is gone.
+    async fn link_failed_attempt(&self, link_id: &[u8], max: i64) -> Result<bool, StoreError>;
+    /// Stores the new device's sealed request (once).
+    async fn link_join(&self, link_id: &[u8], sealed_request: &[u8]) -> Result<(), StoreError>;
+    /// Registers the new device and stores the sealed response, in one transaction.
+    async fn link_complete(
+        &self,
+        link_id: &[u8],
+        device: &DeviceRecord,
+        sealed_response: &[u8],
+        max_devices: usize,
+    ) -> Result<(), StoreError>;
+    /// Takes the sealed response of a completed session, deleting the session.
+    async fn link_take_result(&self, link_id: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     async fn create_challenge(
         &self,
@@ -163,6 +238,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         username: &str,
     ) -> Result<Vec<(DeviceRecord, Vec<u8>)>, StoreError>;
+
+    /// Takes one KeyPackage of one device (one-time first, else last resort).
+    async fn claim_device_key_package(
+        &self,
+        device_id: Uuid,
+    ) -> Result<(DeviceRecord, Vec<u8>), StoreError>;
 
     async fn create_group(&self, group_id: &str, creator: Uuid) -> Result<GroupState, StoreError>;
     async fn group(&self, group_id: &str) -> Result<Option<GroupState>, StoreError>;

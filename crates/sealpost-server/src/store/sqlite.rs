@@ -23,8 +23,8 @@ use sqlx::{Row as _, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
-    AccountRecord, DeviceRecord, GroupState, KeyPackageCount, SequenceOutcome, SequenceRequest,
-    Store, StoreError,
+    AccountRecord, DeviceRecord, GroupState, KeyPackageCount, LinkRecord, LinkState,
+    SequenceOutcome, SequenceRequest, Store, StoreError,
 };
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -66,9 +66,9 @@ impl SqliteStore {
 }
 
 const DEVICES_OF_USER: &str = "SELECT device_id, username, signature_key, certificate, \
-     created_day FROM devices WHERE username = ? ORDER BY created_day, device_id";
+     created_day, name_sealed FROM devices WHERE username = ? ORDER BY created_day, device_id";
 const DEVICE_BY_ID: &str = "SELECT device_id, username, signature_key, certificate, \
-     created_day FROM devices WHERE device_id = ?";
+     created_day, name_sealed FROM devices WHERE device_id = ?";
 
 fn uuid_from(bytes: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(bytes).map_err(|_| StoreError::Invalid("stored device id is not 16 bytes"))
@@ -81,7 +81,104 @@ fn device_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DeviceRecord, StoreE
         signature_key: row.try_get("signature_key")?,
         certificate: row.try_get("certificate")?,
         created_day: row.try_get("created_day")?,
+        name_sealed: row.try_get("name_sealed")?,
     })
+}
+
+fn link_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LinkRecord, StoreError> {
+    Ok(LinkRecord {
+        link_id: row.try_get("link_id")?,
+        owner_device: uuid_from(&row.try_get::<Vec<u8>, _>("owner_device")?)?,
+        verifier: row.try_get("verifier")?,
+        expires_at: row.try_get("expires_at")?,
+        failed_attempts: row.try_get("failed_attempts")?,
+        state: LinkState::from_i64(row.try_get("state")?)
+            .ok_or(StoreError::Invalid("stored link has an unknown state"))?,
+        sealed_request: row.try_get("sealed_request")?,
+        sealed_response: row.try_get("sealed_response")?,
+    })
+}
+
+/// Takes one KeyPackage of a device: the oldest one-time one (deleted), else the
+/// last-resort one (kept).
+async fn take_key_package(
+    conn: &mut SqliteConnection,
+    device_id: Uuid,
+) -> Result<Vec<u8>, StoreError> {
+    let package = sqlx::query(
+        "SELECT id, last_resort, data FROM key_packages WHERE device_id = ? \
+         ORDER BY last_resort, id LIMIT 1",
+    )
+    .bind(device_id.as_bytes().as_slice())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(package) = package else {
+        return Err(StoreError::NoKeyPackages(device_id));
+    };
+    if package.try_get::<i64, _>("last_resort")? == 0 {
+        sqlx::query("DELETE FROM key_packages WHERE id = ?")
+            .bind(package.try_get::<i64, _>("id")?)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(package.try_get("data")?)
+}
+
+/// Inserts a device row, enforcing the per-account limit.
+async fn insert_device(
+    conn: &mut SqliteConnection,
+    device: &DeviceRecord,
+    max_devices: usize,
+) -> Result<(), StoreError> {
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE username = ?")
+        .bind(&device.username)
+        .fetch_one(&mut *conn)
+        .await?;
+    if count as usize >= max_devices {
+        return Err(StoreError::LimitExceeded(
+            "the account has the most devices allowed",
+        ));
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO devices (device_id, username, signature_key, certificate, created_day, name_sealed) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(device.device_id.as_bytes().as_slice())
+    .bind(&device.username)
+    .bind(&device.signature_key)
+    .bind(&device.certificate)
+    .bind(device.created_day)
+    .bind(&device.name_sealed)
+    .execute(&mut *conn)
+    .await;
+    match inserted {
+        Err(err) if is_unique_violation(&err) => Err(StoreError::DeviceExists),
+        other => other.map(|_| ()).map_err(StoreError::from),
+    }
+}
+
+/// Deletes a device and what hangs off it.
+async fn delete_device(conn: &mut SqliteConnection, device_id: Uuid) -> Result<(), StoreError> {
+    let id = device_id.as_bytes().as_slice();
+    for statement in [
+        "DELETE FROM tokens WHERE device_id = ?",
+        "DELETE FROM login_challenges WHERE device_id = ?",
+        "DELETE FROM key_packages WHERE device_id = ?",
+        "DELETE FROM group_members WHERE device_id = ?",
+        "DELETE FROM mailbox WHERE device_id = ?",
+        "DELETE FROM links WHERE owner_device = ?",
+        "DELETE FROM devices WHERE device_id = ?",
+    ] {
+        sqlx::query(statement).bind(id).execute(&mut *conn).await?;
+    }
+    // Ciphertext nobody is waiting for any more is dropped now, not at expiry.
+    sqlx::query(
+        "UPDATE messages SET payload = NULL WHERE payload IS NOT NULL \
+         AND NOT EXISTS (SELECT 1 FROM mailbox WHERE mailbox.message = messages.id)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
@@ -162,21 +259,7 @@ impl Store for SqliteStore {
             Err(err) if is_unique_violation(&err) => return Err(StoreError::UsernameTaken),
             other => other?,
         };
-        let inserted = sqlx::query(
-            "INSERT INTO devices (device_id, username, signature_key, certificate, created_day) \
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(device.device_id.as_bytes().as_slice())
-        .bind(&device.username)
-        .bind(&device.signature_key)
-        .bind(&device.certificate)
-        .bind(device.created_day)
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Err(err) if is_unique_violation(&err) => return Err(StoreError::DeviceExists),
-            other => other?,
-        };
+        insert_device(&mut tx, device, usize::MAX).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -225,6 +308,171 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    async fn add_device(
+        &self,
+        device: &DeviceRecord,
+        max_devices: usize,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        insert_device(&mut tx, device, max_devices).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn remove_device(&self, device_id: Uuid) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        delete_device(&mut tx, device_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_device_name(&self, device_id: Uuid, name_sealed: &[u8]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE devices SET name_sealed = ? WHERE device_id = ?")
+            .bind(name_sealed)
+            .bind(device_id.as_bytes().as_slice())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_account(&self, username: &str) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let devices: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT device_id FROM devices WHERE username = ?")
+                .bind(username)
+                .fetch_all(&mut *tx)
+                .await?;
+        for device in devices {
+            delete_device(&mut tx, uuid_from(&device)?).await?;
+        }
+        sqlx::query("DELETE FROM accounts WHERE username = ?")
+            .bind(username)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_link(&self, link: &LinkRecord) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO links (link_id, owner_device, verifier, expires_at, failed_attempts, state) \
+             VALUES (?, ?, ?, ?, 0, ?)",
+        )
+        .bind(&link.link_id)
+        .bind(link.owner_device.as_bytes().as_slice())
+        .bind(&link.verifier)
+        .bind(link.expires_at)
+        .bind(link.state.as_i64())
+        .execute(&self.writer)
+        .await;
+        match inserted {
+            Err(err) if is_unique_violation(&err) => {
+                Err(StoreError::Invalid("link id already in use"))
+            }
+            other => other.map(|_| ()).map_err(StoreError::from),
+        }
+    }
+
+    async fn link(&self, link_id: &[u8], now: i64) -> Result<Option<LinkRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM links WHERE link_id = ? AND expires_at >= ?")
+            .bind(link_id)
+            .bind(now)
+            .fetch_optional(&self.writer)
+            .await?;
+        row.as_ref().map(link_from_row).transpose()
+    }
+
+    async fn link_failed_attempt(&self, link_id: &[u8], max: i64) -> Result<bool, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let attempts: Option<i64> = sqlx::query_scalar(
+            "UPDATE links SET failed_attempts = failed_attempts + 1 WHERE link_id = ? RETURNING failed_attempts",
+        )
+        .bind(link_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let burned = attempts.is_none_or(|n| n >= max);
+        if burned {
+            sqlx::query("DELETE FROM links WHERE link_id = ?")
+                .bind(link_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(burned)
+    }
+
+    async fn link_join(&self, link_id: &[u8], sealed_request: &[u8]) -> Result<(), StoreError> {
+        let updated = sqlx::query(
+            "UPDATE links SET state = ?, sealed_request = ? WHERE link_id = ? AND state = ?",
+        )
+        .bind(LinkState::Joined.as_i64())
+        .bind(sealed_request)
+        .bind(link_id)
+        .bind(LinkState::Open.as_i64())
+        .execute(&self.writer)
+        .await?;
+        if updated.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LinkInvalid)
+        }
+    }
+
+    async fn link_complete(
+        &self,
+        link_id: &[u8],
+        device: &DeviceRecord,
+        sealed_response: &[u8],
+        max_devices: usize,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE links SET state = ?, sealed_response = ? WHERE link_id = ? AND state = ?",
+        )
+        .bind(LinkState::Completed.as_i64())
+        .bind(sealed_response)
+        .bind(link_id)
+        .bind(LinkState::Joined.as_i64())
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            return Err(StoreError::LinkInvalid);
+        }
+        insert_device(&mut tx, device, max_devices).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn link_take_result(&self, link_id: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let response: Option<Option<Vec<u8>>> = sqlx::query_scalar(
+            "DELETE FROM links WHERE link_id = ? AND state = ? RETURNING sealed_response",
+        )
+        .bind(link_id)
+        .bind(LinkState::Completed.as_i64())
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(response.flatten())
+    }
+
+    async fn claim_device_key_package(
+        &self,
+        device_id: Uuid,
+    ) -> Result<(DeviceRecord, Vec<u8>), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(DEVICE_BY_ID)
+            .bind(device_id.as_bytes().as_slice())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let device = row
+            .as_ref()
+            .map(device_from_row)
+            .transpose()?
+            .ok_or(StoreError::UnknownDevice(device_id))?;
+        let package = take_key_package(&mut tx, device_id).await?;
+        tx.commit().await?;
+        Ok((device, package))
     }
 
     async fn create_challenge(
@@ -288,7 +536,7 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<Option<DeviceRecord>, StoreError> {
         let row = sqlx::query(
-            "SELECT d.device_id, d.username, d.signature_key, d.certificate, d.created_day \
+            "SELECT d.device_id, d.username, d.signature_key, d.certificate, d.created_day, d.name_sealed \
              FROM tokens t JOIN devices d ON d.device_id = t.device_id \
              WHERE t.token_hash = ? AND t.expires_at >= ?",
         )
@@ -367,24 +615,8 @@ impl Store for SqliteStore {
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
             let device = device_from_row(row)?;
-            // One-time packages first (oldest first); the last-resort one only when none is left.
-            let package = sqlx::query(
-                "SELECT id, last_resort, data FROM key_packages WHERE device_id = ? \
-                 ORDER BY last_resort, id LIMIT 1",
-            )
-            .bind(device.device_id.as_bytes().as_slice())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(package) = package else {
-                return Err(StoreError::NoKeyPackages(device.device_id));
-            };
-            if package.try_get::<i64, _>("last_resort")? == 0 {
-                sqlx::query("DELETE FROM key_packages WHERE id = ?")
-                    .bind(package.try_get::<i64, _>("id")?)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            claimed.push((device, package.try_get("data")?));
+            let package = take_key_package(&mut tx, device.device_id).await?;
+            claimed.push((device, package));
         }
         tx.commit().await?;
         Ok(claimed)
@@ -646,6 +878,10 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM login_challenges WHERE expires_at < ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM links WHERE expires_at < ?")
             .bind(now)
             .execute(&mut *tx)
             .await?;
