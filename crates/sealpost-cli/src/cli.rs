@@ -29,9 +29,45 @@ pub enum Command {
         /// One-time KeyPackages to upload.
         #[arg(long, default_value_t = 100, hide = true)]
         key_packages: usize,
+        /// A name for this device (shown in `sealpost devices`).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Show this device's account.
     Whoami,
+    /// Make this device a new device of an existing account, with a code from
+    /// `sealpost device link` on one of its devices.
+    Link {
+        code: String,
+        /// The server, e.g. http://127.0.0.1:8420.
+        #[arg(long, env = "SEALPOST_SERVER")]
+        server: String,
+        /// A name for this device (shown in `sealpost devices`).
+        #[arg(long)]
+        name: Option<String>,
+        /// One-time KeyPackages to upload.
+        #[arg(long, default_value_t = 100, hide = true)]
+        key_packages: usize,
+    },
+    /// List this account's devices.
+    Devices,
+    /// Manage this account's devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Show the safety number with a user (digits and a QR code).
+    SafetyNumber { user: String },
+    /// Mark a user verified by their safety number, or accept their new key.
+    Verify {
+        user: String,
+        /// The 60-digit safety number as the other person sees it.
+        number: Option<String>,
+        /// Accept a verified contact's new account key (they become unverified).
+        #[arg(long, conflicts_with = "number")]
+        accept_new_key: bool,
+    },
+    /// Manage the account.
+    #[command(subcommand)]
+    Account(AccountCommand),
     /// Send a message: `send USERNAME TEXT` (1:1) or `send --group NAME TEXT`.
     Send {
         /// Send to this group instead of a user.
@@ -78,4 +114,24 @@ pub enum GroupCommand {
     Leave { name: String },
     /// List a group's members and their devices.
     Members { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Show a one-time code (valid 10 minutes) to link a new device, and wait for it.
+    Link,
+    /// Rename a device of this account.
+    Rename { id: String, name: String },
+    /// Revoke a device: it is removed from every conversation and can no longer log in.
+    Remove { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Delete the account and all its devices from the server.
+    Delete {
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
 }

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use sealpost_core::{Client, CoreError};
 
-use crate::cli::{Args, Command, GroupCommand};
+use crate::cli::{AccountCommand, Args, Command, DeviceCommand, GroupCommand};
 use crate::output::Output;
 
 fn main() -> ExitCode {
@@ -56,6 +56,20 @@ fn home_dir(home: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         .context("cannot find a home directory for Sealpost; pass --home DIR")
 }
 
+fn parse_device_id(id: &str) -> anyhow::Result<sealpost_core::uuid::Uuid> {
+    id.parse()
+        .with_context(|| format!("{id:?} is not a device id (see `sealpost devices`)"))
+}
+
+/// A default device name: the host's name, else "device".
+fn default_device_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty() && name.chars().count() <= 64)
+        .unwrap_or_else(|| "device".to_owned())
+}
+
 fn open(home: &std::path::Path) -> anyhow::Result<Client> {
     match Client::open(home) {
         Err(CoreError::NotRegistered) => Err(anyhow::anyhow!(
@@ -73,10 +87,112 @@ async fn run(args: Args, out: &Output) -> anyhow::Result<()> {
             username,
             server,
             key_packages,
+            name,
         } => {
             let client = Client::register(&home, &username, &server, key_packages).await?;
             let me = client.whoami()?;
+            let device_id = me.device_id.parse().context("device id")?;
+            client
+                .rename_device(device_id, &name.unwrap_or_else(default_device_name))
+                .await?;
             out.whoami(&me, "registered");
+        }
+        Command::Link {
+            code,
+            server,
+            name,
+            key_packages,
+        } => {
+            let name = name.unwrap_or_else(default_device_name);
+            let client = Client::link(&home, &code, &server, &name, key_packages).await?;
+            out.whoami(&client.whoami()?, "linked");
+        }
+        Command::Devices => out.devices(&open(&home)?.devices().await?),
+        Command::Device(command) => {
+            let client = open(&home)?;
+            match command {
+                DeviceCommand::Link => {
+                    let code = client.create_link().await?;
+                    out.link_code(&code.display());
+                    let linked = client
+                        .complete_link(&code, |name| {
+                            out.progress(&format!(
+                                "{name} joined; adding it to your conversations…"
+                            ))
+                        })
+                        .await?;
+                    out.done(
+                        &format!(
+                            "linked {} (device {}); added to {} conversation(s)",
+                            linked.name, linked.device_id, linked.conversations
+                        ),
+                        &linked,
+                    );
+                }
+                DeviceCommand::Rename { id, name } => {
+                    let device_id = parse_device_id(&id)?;
+                    client.rename_device(device_id, &name).await?;
+                    out.done(
+                        &format!("renamed device {id} to {name:?}"),
+                        &serde_json::json!({"device_id": id, "name": name}),
+                    );
+                }
+                DeviceCommand::Remove { id } => {
+                    let device_id = parse_device_id(&id)?;
+                    client.remove_device(device_id).await?;
+                    out.done(
+                        &format!("removed device {id}"),
+                        &serde_json::json!({"device_id": id, "removed": true}),
+                    );
+                }
+            }
+        }
+        Command::SafetyNumber { user } => {
+            let number = open(&home)?.safety_number(&user).await?;
+            out.safety_number(&number);
+        }
+        Command::Verify {
+            user,
+            number,
+            accept_new_key,
+        } => {
+            let client = open(&home)?;
+            if accept_new_key {
+                client.accept_new_key(&user).await?;
+                out.done(
+                    &format!(
+                        "accepted {user}'s new key; compare safety numbers again to verify {user}"
+                    ),
+                    &serde_json::json!({"user": user, "accepted_new_key": true, "verified": false}),
+                );
+            } else {
+                let Some(number) = number else {
+                    anyhow::bail!(
+                        "usage: sealpost verify USER NUMBER, or sealpost verify USER --accept-new-key"
+                    );
+                };
+                client.verify(&user, &number).await?;
+                out.done(
+                    &format!("{user} is verified"),
+                    &serde_json::json!({"user": user, "verified": true}),
+                );
+            }
+        }
+        Command::Account(AccountCommand::Delete { yes }) => {
+            if !yes {
+                anyhow::bail!(
+                    "this deletes your account and every device from the server; add --yes to confirm"
+                );
+            }
+            let client = open(&home)?;
+            client.delete_account().await?;
+            drop(client);
+            for suffix in ["", "-wal", "-shm"] {
+                let mut path = sealpost_core::client::database_path(&home).into_os_string();
+                path.push(suffix);
+                let _ = std::fs::remove_file(path);
+            }
+            out.done("account deleted", &serde_json::json!({"deleted": true}));
         }
         Command::Whoami => out.whoami(&open(&home)?.whoami()?, ""),
         Command::Send { group, args } => {

@@ -5,8 +5,10 @@
 
 use std::io::Write as _;
 
-use sealpost_core::client::WhoAmI;
+use sealpost_core::client::{DeviceEntry, WhoAmI};
+use sealpost_core::engine::contacts::SafetyNumber;
 use sealpost_core::engine::conversations::MemberDevice;
+use sealpost_core::safety;
 use sealpost_core::{ConversationSummary, CoreError, HistoryEntry};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -164,6 +166,65 @@ impl Output {
         }
     }
 
+    /// A progress line on stderr (stdout stays machine-readable).
+    pub fn progress(&self, text: &str) {
+        if !self.json {
+            let _ = writeln!(std::io::stderr().lock(), "{text}");
+        }
+    }
+
+    pub fn link_code(&self, code: &str) {
+        if self.json {
+            self.json_line(&serde_json::json!({"link_code": code, "expires_in_secs": 600}));
+        } else {
+            self.line("On the new device, run:");
+            self.line(&format!("  sealpost link {code} --server URL"));
+            if let Some(qr) = qr(code) {
+                self.line(&qr);
+            }
+            self.line("The code works once, for 10 minutes. Waiting for the new device…");
+        }
+    }
+
+    pub fn devices(&self, devices: &[DeviceEntry]) {
+        for device in devices {
+            if self.json {
+                self.json_line(device);
+            } else {
+                let marker = if device.current { " (this device)" } else { "" };
+                self.line(&format!(
+                    "{}  {}  created {}{marker}",
+                    device.device_id, device.name, device.created
+                ));
+            }
+        }
+    }
+
+    pub fn safety_number(&self, number: &SafetyNumber) {
+        if self.json {
+            self.json_line(number);
+            return;
+        }
+        self.line(&format!("Safety number with {}:", number.username));
+        self.line(&format!("  {}", safety::format_groups(&number.number)));
+        if let Some(qr) = qr(&safety::qr_payload(&number.number)) {
+            self.line(&qr);
+        }
+        if number.key_changed {
+            self.line(&format!(
+                "WARNING: {}'s key changed since you verified it. If this number is right, run `sealpost verify {} --accept-new-key`.",
+                number.username, number.username
+            ));
+        } else if number.verified {
+            self.line(&format!("{} is verified.", number.username));
+        } else {
+            self.line(&format!(
+                "Compare it with {} (in person or on a call), then run `sealpost verify {} NUMBER`.",
+                number.username, number.username
+            ));
+        }
+    }
+
     pub fn done<T: Serialize>(&self, text: &str, value: &T) {
         if self.json {
             self.json_line(value);
@@ -171,4 +232,14 @@ impl Output {
             self.line(text);
         }
     }
+}
+
+/// A QR code drawn with Unicode half blocks, or `None` if the text does not fit one.
+fn qr(text: &str) -> Option<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(
+        code.render::<qrcode::render::unicode::Dense1x2>()
+            .quiet_zone(true)
+            .build(),
+    )
 }

@@ -13,15 +13,29 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt as _;
 use rand::Rng as _;
-use sealpost_proto::api::LoginRequest;
+use sealpost_proto::api::{
+    CompleteLinkRequest, CreateLinkRequest, JoinLinkRequest, LinkResultRequest, LoginRequest,
+    RenameDeviceRequest,
+};
 use sealpost_proto::{Bytes64, ErrorCode, limits};
 use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
 
+use crate::engine::contacts::{ContactKey, SafetyNumber};
 use crate::engine::conversations::{MemberDevice, Outgoing, OutgoingCommit, OutgoingMessage};
 use crate::engine::{ConversationKind, ConversationSummary, Engine, HistoryEntry};
 use crate::error::CoreError;
+use crate::link::LinkCode;
 use crate::payload::ConversationInfo;
 use crate::transport::Transport;
+
+/// How long a contact's directory entry (account key, devices) is trusted before it is
+/// fetched again during `sync`. Sending to a 1:1 always fetches the peer's entry first.
+const DIRECTORY_TTL_SECS: i64 = 60;
+/// How long `device link` waits for the new device.
+const LINK_WAIT: Duration = Duration::from_secs(600);
+/// How long the existing device waits for a linked device's KeyPackages.
+const NEW_DEVICE_WAIT: Duration = Duration::from_secs(60);
 
 /// How often an operation is retried after losing an epoch race.
 const MAX_ATTEMPTS: usize = 8;
@@ -47,6 +61,39 @@ pub struct WhoAmI {
     pub server: String,
     /// The account's public key, hex.
     pub account_key: String,
+}
+
+/// A device as `devices` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceEntry {
+    pub device_id: String,
+    pub name: String,
+    pub created: String,
+    /// This is the device the command runs on.
+    pub current: bool,
+}
+
+/// The outcome of linking, seen from the existing device.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkedDevice {
+    pub device_id: String,
+    pub name: String,
+    /// Active conversations the new device was added to.
+    pub conversations: usize,
+}
+
+/// Explains link failures in the words of the linking flow.
+fn link_error(err: CoreError) -> CoreError {
+    match err.server_code() {
+        Some(ErrorCode::LinkInvalid) => CoreError::InvalidInput(
+            "the link code is unknown, expired or already used; make a new one with              `sealpost device link` on your other device"
+                .into(),
+        ),
+        Some(ErrorCode::LinkProofInvalid) => CoreError::InvalidInput(
+            "the link code does not match; check it for typos".into(),
+        ),
+        _ => err,
+    }
 }
 
 /// Result of sending a commit.
@@ -391,8 +438,105 @@ impl Client {
         self.flush_outbox().await?;
         self.drain_mailbox().await?;
         self.commit_pending_proposals().await?;
+        self.reconcile(&[]).await?;
         self.top_up_key_packages().await?;
         Ok(())
+    }
+
+    /// Fetches directory entries (account key, devices) of the accounts in our
+    /// conversations — those in `force` always, the others when older than the TTL — and
+    /// commits whatever adds and removals make every group hold exactly the listed devices.
+    async fn reconcile(&self, force: &[String]) -> Result<(), CoreError> {
+        let groups: Vec<String> = self
+            .engine()?
+            .conversations()?
+            .into_iter()
+            .filter(|c| c.status == "active")
+            .map(|c| c.group_id)
+            .collect();
+        let mut accounts = std::collections::BTreeSet::new();
+        for group in &groups {
+            for member in self.engine()?.members(group)? {
+                accounts.insert(member.username);
+            }
+        }
+        accounts.extend(force.iter().cloned());
+        let now = now_secs();
+        let mut directory = std::collections::HashMap::new();
+        for user in accounts {
+            let checked = self.engine()?.directory_checked_at(&user)?;
+            if !force.contains(&user) && now - checked < DIRECTORY_TTL_SECS {
+                continue;
+            }
+            match self.authed(|| self.transport.user_devices(&user)).await {
+                Ok(response) => {
+                    let devices = self.engine()?.observe_directory(&response, now)?;
+                    directory.insert(user, devices.into_iter().map(|d| d.device_id).collect());
+                }
+                // The account was deleted: none of its devices belong in any group.
+                Err(err) if err.server_code() == Some(ErrorCode::UserNotFound) => {
+                    directory.insert(user, Vec::new());
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        if directory.is_empty() {
+            return Ok(());
+        }
+        for group in groups {
+            let plan = self.engine()?.plan_reconcile(&group, &directory)?;
+            if plan.is_empty() {
+                continue;
+            }
+            let mut claims = Vec::new();
+            for device in &plan.missing {
+                match self
+                    .authed(|| self.transport.claim_device_key_package(*device))
+                    .await
+                {
+                    Ok(claim) => claims.push(claim),
+                    // Not ready yet (a device still uploading KeyPackages) or gone: the
+                    // next reconcile picks it up.
+                    Err(err)
+                        if matches!(
+                            err.server_code(),
+                            Some(ErrorCode::NoKeyPackages | ErrorCode::DeviceNotFound)
+                        ) => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            if claims.is_empty() && plan.stale.is_empty() {
+                continue;
+            }
+            self.commit_with_retries(|engine| {
+                engine.begin_reconcile(&group, &claims, &plan.stale, now_secs())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether any active group still lacks a device the directory lists for us.
+    async fn own_devices_pending(&self) -> Result<bool, CoreError> {
+        let me = self.whoami()?.username;
+        let response = self.authed(|| self.transport.user_devices(&me)).await?;
+        let devices = self.engine()?.observe_directory(&response, now_secs())?;
+        let directory = std::collections::HashMap::from([(
+            me,
+            devices.into_iter().map(|d| d.device_id).collect::<Vec<_>>(),
+        )]);
+        for conversation in self.engine()?.conversations()? {
+            if conversation.status == "active"
+                && !self
+                    .engine()?
+                    .plan_reconcile(&conversation.group_id, &directory)?
+                    .missing
+                    .is_empty()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Fetches and processes new messages; returns what has not been shown yet.
@@ -537,6 +681,12 @@ impl Client {
         if conversation.status != "active" {
             return Err(CoreError::NotActive(conversation.name.clone()));
         }
+        // A 1:1 always checks the peer's key and devices before encrypting to them.
+        let force: Vec<String> = match conversation.kind {
+            ConversationKind::Direct => vec![conversation.name.clone()],
+            ConversationKind::Group => Vec::new(),
+        };
+        self.reconcile(&force).await?;
         let outgoing = self
             .engine()?
             .encrypt_text(&conversation.group_id, text, None, now_ms())?;
@@ -702,6 +852,209 @@ impl Client {
             .authed(|| self.transport.fetch_mailbox(limits::MAILBOX_FETCH_MAX))
             .await?
             .envelopes)
+    }
+
+    /// Existing device: opens a link session and returns its code (valid 10 minutes).
+    pub async fn create_link(&self) -> Result<LinkCode, CoreError> {
+        let code = LinkCode::generate();
+        let request = CreateLinkRequest {
+            link_id: code.link_id(),
+            verifier: Bytes64(code.verifier().to_vec()),
+        };
+        self.authed(|| self.transport.create_link(&request)).await?;
+        Ok(code)
+    }
+
+    /// Existing device: waits for the new device, certifies it, hands it the account key
+    /// (sealed with the code) and adds it to every conversation. `on_joined` is called once
+    /// the new device has answered.
+    pub async fn complete_link(
+        &self,
+        code: &LinkCode,
+        on_joined: impl FnOnce(&str),
+    ) -> Result<LinkedDevice, CoreError> {
+        let link_id = code.link_id();
+        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        let sealed = loop {
+            let status = self.authed(|| self.transport.link_status(&link_id)).await?;
+            if let Some(sealed) = status.sealed_request {
+                break sealed;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CoreError::InvalidInput(
+                    "no device used the link code within 10 minutes".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let request = code.open_request(sealed.as_ref())?;
+        on_joined(&request.name);
+        let (certificate, response) = self.engine()?.certify_device(&request)?;
+        let complete = CompleteLinkRequest {
+            device_certificate: Bytes64(certificate),
+            sealed_response: Bytes64(code.seal_response(&response)?),
+        };
+        self.authed(|| self.transport.complete_link(&link_id, &complete))
+            .await?;
+        // Add the new device everywhere as soon as its KeyPackages are on the server.
+        let me = self.whoami()?.username;
+        let deadline = tokio::time::Instant::now() + NEW_DEVICE_WAIT;
+        loop {
+            self.drain_mailbox().await?;
+            self.reconcile(std::slice::from_ref(&me)).await?;
+            if !self.own_devices_pending().await? {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CoreError::InvalidInput(
+                    "the new device is linked, but it did not come online to be added to                      your conversations; they will be updated at your next sync"
+                        .into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(LinkedDevice {
+            device_id: request.device_id.to_string(),
+            name: request.name.clone(),
+            conversations: self
+                .conversations()?
+                .iter()
+                .filter(|c| c.status == "active")
+                .count(),
+        })
+    }
+
+    /// New device: joins an account with a link code shown by one of its devices.
+    pub async fn link(
+        home: &Path,
+        code: &str,
+        server_url: &str,
+        name: &str,
+        key_packages: usize,
+    ) -> Result<Self, CoreError> {
+        let code = LinkCode::parse(code)?;
+        std::fs::create_dir_all(home)?;
+        let mut engine = Engine::open(&database_path(home))?;
+        let transport = Transport::new(server_url)?;
+        let request = engine.prepare_link_device(name, server_url)?;
+        let join = JoinLinkRequest {
+            proof: Bytes64(code.proof().to_vec()),
+            sealed_request: Bytes64(code.seal_request(&request)?),
+        };
+        transport
+            .join_link(&code.link_id(), &join)
+            .await
+            .map_err(link_error)?;
+        let ask = LinkResultRequest {
+            proof: Bytes64(code.proof().to_vec()),
+        };
+        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        let sealed = loop {
+            match transport.link_result(&code.link_id(), &ask).await {
+                Ok(result) => break result.sealed_response,
+                Err(err) if err.server_code() == Some(ErrorCode::LinkPending) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(CoreError::InvalidInput(
+                            "the other device did not answer within 10 minutes".into(),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(err) => return Err(link_error(err)),
+            }
+        };
+        let response = code.open_response(sealed.as_ref())?;
+        engine.finish_link(&response)?;
+        let client = Self {
+            conflicts: Default::default(),
+            engine: Mutex::new(engine),
+            transport,
+            home: home.to_owned(),
+        };
+        client.login().await?;
+        client.upload_key_packages(key_packages, true).await?;
+        client.rename_device(request.device_id, name).await?;
+        Ok(client)
+    }
+
+    /// The account's devices.
+    pub async fn devices(&self) -> Result<Vec<DeviceEntry>, CoreError> {
+        let me = self.whoami()?;
+        let response = self
+            .authed(|| self.transport.user_devices(&me.username))
+            .await?;
+        let devices = self.engine()?.observe_directory(&response, now_secs())?;
+        Ok(devices
+            .into_iter()
+            .map(|device| DeviceEntry {
+                current: device.device_id.to_string() == me.device_id,
+                device_id: device.device_id.to_string(),
+                name: device.name.unwrap_or_else(|| "(unnamed)".into()),
+                created: device.created,
+            })
+            .collect())
+    }
+
+    /// Names a device of the account (the name is sealed: the server cannot read it).
+    pub async fn rename_device(&self, device_id: Uuid, name: &str) -> Result<(), CoreError> {
+        let sealed = self.engine()?.seal_device_name(device_id, name)?;
+        let request = RenameDeviceRequest {
+            name_sealed: Bytes64(sealed),
+        };
+        self.authed(|| self.transport.rename_device(device_id, &request))
+            .await
+    }
+
+    /// Revokes another device of the account: the server forgets it and refuses its
+    /// token, and it is removed from every conversation.
+    pub async fn remove_device(&self, device_id: Uuid) -> Result<(), CoreError> {
+        self.authed(|| self.transport.remove_device(device_id))
+            .await?;
+        let me = self.whoami()?.username;
+        self.drain_mailbox().await?;
+        self.reconcile(&[me]).await
+    }
+
+    /// The safety number with `username`, after fetching their current key.
+    pub async fn safety_number(&self, username: &str) -> Result<SafetyNumber, CoreError> {
+        self.refresh_contact(username).await?;
+        self.engine()?.safety_number(username)
+    }
+
+    async fn refresh_contact(&self, username: &str) -> Result<(), CoreError> {
+        let response = self
+            .authed(|| self.transport.user_devices(username))
+            .await
+            .map_err(|err| match err.server_code() {
+                Some(ErrorCode::UserNotFound) => {
+                    CoreError::InvalidInput(format!("there is no user named {username:?}"))
+                }
+                _ => err,
+            })?;
+        self.engine()?.observe_directory(&response, now_secs())?;
+        Ok(())
+    }
+
+    /// Marks `username` verified when `number` is their current safety number.
+    pub async fn verify(&self, username: &str, number: &str) -> Result<(), CoreError> {
+        self.refresh_contact(username).await?;
+        self.engine()?.verify_contact(username, number)
+    }
+
+    /// Accepts a verified contact's new key (they become unverified).
+    pub async fn accept_new_key(&self, username: &str) -> Result<(), CoreError> {
+        self.refresh_contact(username).await?;
+        self.engine()?.accept_new_key(username, now_secs())
+    }
+
+    /// What is known about a contact's key.
+    pub fn contact(&self, username: &str) -> Result<Option<ContactKey>, CoreError> {
+        self.engine()?.contact(username)
+    }
+
+    /// Deletes the account on the server (all devices). The local store is left as it is.
+    pub async fn delete_account(&self) -> Result<(), CoreError> {
+        self.authed(|| self.transport.delete_account()).await
     }
 
     /// Processes one envelope as if the server had delivered it (tests, diagnostics).

@@ -38,6 +38,59 @@ impl AccountKey {
         self.0.verifying_key().to_bytes()
     }
 
+    /// The key that seals device names, so that only the account's devices read them.
+    fn name_key(&self) -> Zeroizing<[u8; 32]> {
+        let secret = self.secret();
+        let hkdf = hkdf::Hkdf::<sha2::Sha256>::new(None, secret.as_slice());
+        let mut key = Zeroizing::new([0u8; 32]);
+        // 32 bytes is within HKDF-SHA-256's output limit; this cannot fail.
+        let _ = hkdf.expand(b"sealpost device names v1", key.as_mut());
+        key
+    }
+
+    /// Seals a device name (ChaCha20-Poly1305, random nonce, the device id as associated
+    /// data) for the server to store.
+    pub fn seal_device_name(&self, device_id: Uuid, name: &str) -> Result<Vec<u8>, CoreError> {
+        use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
+        let key = self.name_key();
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(key.as_ref().into());
+        let mut nonce = [0u8; 12];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+        let sealed = cipher
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: name.as_bytes(),
+                    aad: device_id.as_bytes(),
+                },
+            )
+            .map_err(|_| CoreError::Codec("sealing the device name failed".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Opens a sealed device name; `None` if it was not sealed by this account.
+    pub fn open_device_name(&self, device_id: Uuid, sealed: &[u8]) -> Option<String> {
+        use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
+        if sealed.len() < 12 {
+            return None;
+        }
+        let (nonce, ciphertext) = sealed.split_at(12);
+        let key = self.name_key();
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(key.as_ref().into());
+        let plain = cipher
+            .decrypt(
+                nonce.into(),
+                Payload {
+                    msg: ciphertext,
+                    aad: device_id.as_bytes(),
+                },
+            )
+            .ok()?;
+        String::from_utf8(plain).ok()
+    }
+
     /// Issues a certificate for a device of this account.
     pub fn certify(
         &self,
@@ -123,6 +176,23 @@ mod tests {
         let credential: Credential = BasicCredential::new(cert.encode()).into();
         assert!(verify_member(&credential, &[7; 32]).is_ok());
         assert!(verify_member(&credential, &[9; 32]).is_err());
+    }
+
+    #[test]
+    fn device_names_open_only_for_the_same_account_and_device() {
+        let key = AccountKey::generate();
+        let device = Uuid::new_v4();
+        let sealed = key.seal_device_name(device, "laptop").unwrap();
+        assert_eq!(
+            key.open_device_name(device, &sealed).as_deref(),
+            Some("laptop")
+        );
+        assert_eq!(key.open_device_name(Uuid::new_v4(), &sealed), None);
+        assert_eq!(
+            AccountKey::generate().open_device_name(device, &sealed),
+            None
+        );
+        assert_eq!(key.open_device_name(device, &sealed[..8]), None);
     }
 
     #[test]

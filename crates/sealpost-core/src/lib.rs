@@ -14,10 +14,13 @@ pub mod client;
 pub mod engine;
 pub mod error;
 pub mod identity;
+pub mod link;
 pub mod payload;
+pub mod safety;
 pub mod store;
 pub mod transport;
 
 pub use client::Client;
 pub use engine::{ConversationKind, ConversationSummary, HistoryEntry};
 pub use error::CoreError;
+pub use uuid;

@@ -118,13 +118,34 @@ CREATE TABLE IF NOT EXISTS contacts (
 );
 "#;
 
+/// Numbered migrations of Sealpost's own tables; `PRAGMA user_version` records how many
+/// have run. A shipped migration is never edited: add a new one.
+const MIGRATIONS: &[&str] = &[
+    SCHEMA,
+    // 2: contact verification and key changes.
+    "ALTER TABLE contacts ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE contacts ADD COLUMN pending_key BLOB;
+     ALTER TABLE contacts ADD COLUMN checked_at INTEGER NOT NULL DEFAULT 0;",
+];
+
+fn migrate(connection: &mut Connection) -> Result<(), CoreError> {
+    let tx = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        tx.execute_batch(migration)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 /// Opens (creating if needed) the client database and prepares both schemas.
 pub fn open(path: &Path) -> Result<Connection, CoreError> {
     let mut connection = Connection::open(path)?;
     connection.busy_timeout(Duration::from_secs(30))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
-    connection.execute_batch(SCHEMA)?;
+    migrate(&mut connection)?;
     SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut connection)
         .run_migrations()
         .map_err(|e| CoreError::Codec(format!("OpenMLS storage migration failed: {e}")))?;

@@ -11,9 +11,11 @@ use reqwest::{Method, StatusCode};
 use sealpost_proto::ErrorBody;
 use sealpost_proto::api::{
     AckRequest, AckResponse, ChallengeRequest, ChallengeResponse, ClaimKeyPackagesResponse,
-    CreateGroupRequest, GroupStateResponse, KeyPackageCountResponse, LoginRequest, LoginResponse,
-    MailboxResponse, PostCommitRequest, PostMessageRequest, PostProposalRequest, RegisterRequest,
-    RegisterResponse, SequencedResponse, UploadKeyPackagesRequest, UserDevicesResponse,
+    CompleteLinkRequest, CreateGroupRequest, CreateLinkRequest, CreateLinkResponse,
+    GroupStateResponse, JoinLinkRequest, KeyPackageCountResponse, LinkResultRequest,
+    LinkResultResponse, LinkStatusResponse, LoginRequest, LoginResponse, MailboxResponse,
+    PostCommitRequest, PostMessageRequest, PostProposalRequest, RegisterRequest, RegisterResponse,
+    RenameDeviceRequest, SequencedResponse, UploadKeyPackagesRequest, UserDevicesResponse,
     WhoAmIResponse,
 };
 use serde::Serialize;
@@ -103,7 +105,8 @@ impl Transport {
             reason: describe(&e),
         })?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes)
+            let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+            return serde_json::from_slice(bytes)
                 .map_err(|e| CoreError::BadResponse(format!("{path}: {e}")));
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
@@ -244,6 +247,116 @@ impl Transport {
             "/v1/mailbox/ack",
             Some(&AckRequest { ids }),
             true,
+        )
+        .await
+    }
+
+    /// Sends a request whose success answer has no body (204).
+    async fn call_empty<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        auth: bool,
+    ) -> Result<(), CoreError> {
+        self.call::<B, serde::de::IgnoredAny>(method, path, body, auth)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn delete_account(&self) -> Result<(), CoreError> {
+        self.call_empty::<()>(Method::DELETE, "/v1/accounts/me", None, true)
+            .await
+    }
+
+    pub async fn rename_device(
+        &self,
+        device_id: Uuid,
+        request: &RenameDeviceRequest,
+    ) -> Result<(), CoreError> {
+        self.call_empty(
+            Method::PUT,
+            &format!("/v1/devices/{device_id}/name"),
+            Some(request),
+            true,
+        )
+        .await
+    }
+
+    pub async fn remove_device(&self, device_id: Uuid) -> Result<(), CoreError> {
+        self.call_empty::<()>(
+            Method::DELETE,
+            &format!("/v1/devices/{device_id}"),
+            None,
+            true,
+        )
+        .await
+    }
+
+    pub async fn claim_device_key_package(
+        &self,
+        device_id: Uuid,
+    ) -> Result<ClaimKeyPackagesResponse, CoreError> {
+        self.call::<(), _>(
+            Method::POST,
+            &format!("/v1/devices/{device_id}/keypackages/claim"),
+            None,
+            true,
+        )
+        .await
+    }
+
+    pub async fn create_link(
+        &self,
+        request: &CreateLinkRequest,
+    ) -> Result<CreateLinkResponse, CoreError> {
+        self.call(Method::POST, "/v1/links", Some(request), true)
+            .await
+    }
+
+    pub async fn link_status(&self, link_id: &str) -> Result<LinkStatusResponse, CoreError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/links/{link_id}"), None, true)
+            .await
+    }
+
+    pub async fn join_link(
+        &self,
+        link_id: &str,
+        request: &JoinLinkRequest,
+    ) -> Result<(), CoreError> {
+        self.call_empty(
+            Method::POST,
+            &format!("/v1/links/{link_id}/join"),
+            Some(request),
+            false,
+        )
+        .await
+    }
+
+    pub async fn complete_link(
+        &self,
+        link_id: &str,
+        request: &CompleteLinkRequest,
+    ) -> Result<(), CoreError> {
+        self.call_empty(
+            Method::POST,
+            &format!("/v1/links/{link_id}/complete"),
+            Some(request),
+            true,
+        )
+        .await
+    }
+
+    pub async fn link_result(
+        &self,
+        link_id: &str,
+        request: &LinkResultRequest,
+    ) -> Result<LinkResultResponse, CoreError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/links/{link_id}/result"),
+            Some(request),
+            false,
         )
         .await
     }

@@ -22,6 +22,7 @@ use sealpost_proto::{Bytes64, limits};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::contacts::{blocked_members, key_change_error, observe_account_key};
 use super::{
     CIPHERSUITE, Engine, Identity, MAX_FORWARD_DISTANCE, MAX_PAST_EPOCHS, OUT_OF_ORDER_TOLERANCE,
     capabilities, tls_bytes, to_json,
@@ -79,6 +80,19 @@ impl Outgoing {
     }
 }
 
+/// Devices to add to and remove from a group to match the directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcilePlan {
+    pub missing: Vec<Uuid>,
+    pub stale: Vec<Uuid>,
+}
+
+impl ReconcilePlan {
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty() && self.stale.is_empty()
+    }
+}
+
 /// A summary of a group's MLS state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GroupSnapshot {
@@ -127,46 +141,33 @@ pub(crate) fn member_devices(group: &MlsGroup) -> Vec<MemberDevice> {
         .collect()
 }
 
-/// Pins a contact's account key on first sight; afterwards a different key is an error.
-pub(crate) fn pin_contact(
-    tx: &Transaction<'_>,
-    username: &str,
-    account_key: &[u8],
-    now: i64,
-) -> Result<(), CoreError> {
-    let pinned: Option<Vec<u8>> = tx
-        .query_row(
-            "SELECT account_key FROM contacts WHERE username = ?",
-            [username],
-            |row| row.get(0),
-        )
-        .optional()?;
-    match pinned {
-        Some(key) if key == account_key => Ok(()),
-        Some(_) => Err(CoreError::KeyMismatch {
-            user: username.to_owned(),
-            detail: "the account key differs from the one seen before".into(),
-        }),
-        None => {
-            tx.execute(
-                "INSERT INTO contacts (username, account_key, first_seen) VALUES (?, ?, ?)",
-                params![username, account_key, now],
-            )?;
-            Ok(())
-        }
-    }
-}
-
 /// Validates claimed KeyPackages: each must parse and verify, use our ciphersuite, and
 /// carry the certificate the server listed for that device, signed by the user's account
 /// key (which is pinned).
 fn verify_claimed(
     provider: &Provider<'_>,
     tx: &Transaction<'_>,
+    identity: &Identity,
     claimed: &ClaimKeyPackagesResponse,
     now: i64,
 ) -> Result<Vec<(Uuid, KeyPackage)>, CoreError> {
-    pin_contact(tx, &claimed.username, claimed.account_key.as_ref(), now)?;
+    if claimed.username == identity.username {
+        if claimed.account_key.as_ref() != identity.account_key() {
+            return Err(CoreError::KeyMismatch {
+                user: claimed.username.clone(),
+                detail: "the server lists another account key for your own account".into(),
+            });
+        }
+    } else if observe_account_key(
+        provider,
+        tx,
+        &identity.username,
+        &claimed.username,
+        claimed.account_key.as_ref(),
+        now,
+    )? {
+        return Err(key_change_error(std::slice::from_ref(&claimed.username)));
+    }
     let mut out = Vec::with_capacity(claimed.key_packages.len());
     for entry in &claimed.key_packages {
         let invalid = |why: &str| {
@@ -313,7 +314,7 @@ fn add_commit(
     let mut packages = Vec::new();
     let mut added = Vec::new();
     for claim in claimed {
-        for (device, package) in verify_claimed(provider, tx, claim, now)? {
+        for (device, package) in verify_claimed(provider, tx, identity, claim, now)? {
             if device == identity.device_id || existing.iter().any(|m| m.device_id == device) {
                 continue;
             }
@@ -667,6 +668,10 @@ impl Engine {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
             require_active(tx, group_id)?;
             let mut group = require_group(provider, group_id)?;
+            let blocked = blocked_members(tx, member_devices(&group).into_iter().map(|m| m.username))?;
+            if !blocked.is_empty() {
+                return Err(key_change_error(&blocked));
+            }
             let id = message_id.unwrap_or_else(Uuid::new_v4);
             let payload = AppMessage::text(id, now_ms, text.to_owned()).encode()?;
             let ciphertext = group
@@ -762,6 +767,117 @@ impl Engine {
     /// The member devices of a conversation's MLS group.
     pub fn members(&mut self, group_id: &str) -> Result<Vec<MemberDevice>, CoreError> {
         self.transact(|provider, _, _| Ok(member_devices(&require_group(provider, group_id)?)))
+    }
+
+    /// Which devices a group lacks and which it holds in excess, compared with the
+    /// directory's device list of each account in it (`directory` maps a username to its
+    /// devices; accounts not in the map are left alone). Devices of users whose key change
+    /// awaits acceptance are never planned for adding.
+    pub fn plan_reconcile(
+        &mut self,
+        group_id: &str,
+        directory: &std::collections::HashMap<String, Vec<Uuid>>,
+    ) -> Result<ReconcilePlan, CoreError> {
+        self.transact(|provider, tx, identity| {
+            let identity = identity.ok_or(CoreError::NotRegistered)?;
+            let mut plan = ReconcilePlan::default();
+            if status_of(tx, group_id)?.as_deref() != Some("active") {
+                return Ok(plan);
+            }
+            let Some(group) = load_group(provider, group_id)? else {
+                return Ok(plan);
+            };
+            let members = member_devices(&group);
+            let mut accounts: Vec<String> = members.iter().map(|m| m.username.clone()).collect();
+            accounts.sort();
+            accounts.dedup();
+            let blocked = blocked_members(tx, accounts.iter().cloned())?;
+            for member in &members {
+                if member.device_id == identity.device_id {
+                    continue;
+                }
+                if let Some(listed) = directory.get(&member.username)
+                    && !listed.contains(&member.device_id)
+                {
+                    plan.stale.push(member.device_id);
+                }
+            }
+            for account in &accounts {
+                if blocked.contains(account) {
+                    continue;
+                }
+                for device in directory.get(account).into_iter().flatten() {
+                    if !members.iter().any(|m| m.device_id == *device) {
+                        plan.missing.push(*device);
+                    }
+                }
+            }
+            Ok(plan)
+        })
+    }
+
+    /// Stages one commit that adds the claimed devices and removes the stale ones (those
+    /// still in the group), or returns `None` when there is nothing left to do.
+    pub fn begin_reconcile(
+        &mut self,
+        group_id: &str,
+        claimed: &[ClaimKeyPackagesResponse],
+        stale: &[Uuid],
+        now: i64,
+    ) -> Result<Option<OutgoingCommit>, CoreError> {
+        self.transact(|provider, tx, identity| {
+            let identity = identity.ok_or(CoreError::NotRegistered)?;
+            if status_of(tx, group_id)?.as_deref() != Some("active") {
+                return Ok(None);
+            }
+            let Some(mut group) = load_group(provider, group_id)? else {
+                return Ok(None);
+            };
+            let members = member_devices(&group);
+            let leaves: Vec<LeafNodeIndex> = members
+                .iter()
+                .filter(|m| stale.contains(&m.device_id) && m.device_id != identity.device_id)
+                .map(|m| m.leaf)
+                .collect();
+            let mut packages = Vec::new();
+            let mut added = Vec::new();
+            for claim in claimed {
+                for (device, package) in verify_claimed(provider, tx, identity, claim, now)? {
+                    if members.iter().any(|m| m.device_id == device) || added.contains(&device) {
+                        continue;
+                    }
+                    added.push(device);
+                    packages.push(package);
+                }
+            }
+            if leaves.is_empty() && packages.is_empty() {
+                return Ok(None);
+            }
+            let bundle = group
+                .commit_builder()
+                .propose_removals(leaves)
+                .propose_adds(packages)
+                .load_psks(provider.storage())
+                .map_err(CoreError::mls)?
+                .build(provider.rand(), provider.crypto(), &identity.signer, |_| {
+                    true
+                })
+                .map_err(CoreError::mls)?
+                .stage_commit(provider)
+                .map_err(CoreError::mls)?;
+            let welcome = bundle.to_welcome_msg();
+            let (commit, _, _) = bundle.into_contents();
+            let request = commit_request(&group, &commit, welcome.as_ref(), added)?;
+            let outgoing = OutgoingCommit {
+                group_id: group_id.to_owned(),
+                create_group: false,
+                request,
+                notice: None,
+                announce: false,
+            };
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, None, now)?;
+            Ok(Some(outgoing))
+        })
     }
 
     /// Groups that have proposals waiting to be committed.

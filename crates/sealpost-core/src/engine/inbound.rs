@@ -15,7 +15,8 @@ use openmls_traits::OpenMlsProvider as _;
 use rusqlite::{OptionalExtension as _, Transaction, params};
 use sealpost_proto::api::{Envelope, EnvelopeKind};
 
-use super::conversations::{insert_notice, load_group, member_devices, pin_contact};
+use super::contacts::observe_account_key;
+use super::conversations::{insert_notice, load_group, member_devices};
 use super::queries::{HistoryEntry, history_entry};
 use super::{Engine, Identity, join_config};
 use crate::error::CoreError;
@@ -96,6 +97,7 @@ fn unique_group_name(tx: &Transaction<'_>, name: &str) -> Result<String, CoreErr
 fn process_welcome(
     provider: &Provider<'_>,
     tx: &Transaction<'_>,
+    identity: &Identity,
     envelope: &Envelope,
     now: i64,
 ) -> Result<Outcome, CoreError> {
@@ -110,7 +112,19 @@ fn process_welcome(
     // Every member must present a valid certificate; pin their account keys.
     for member in staged.members() {
         let cert = verify_member(&member.credential, &member.signature_key)?;
-        pin_contact(tx, &cert.username, &cert.account_key, now)?;
+        if cert.username == identity.username && cert.account_key != identity.account_key() {
+            return Err(CoreError::InvalidCertificate(
+                "the group lists a device of your account under another account key".into(),
+            ));
+        }
+        observe_account_key(
+            provider,
+            tx,
+            &identity.username,
+            &cert.username,
+            &cert.account_key,
+            now,
+        )?;
     }
     let sender = staged
         .welcome_sender()
@@ -227,31 +241,75 @@ fn process_in_group(
             Ok(Outcome::Skipped)
         }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
-            // Every device the commit brings in must carry a valid certificate.
-            let mut added = Vec::new();
+            // Every device the commit brings in must carry a valid certificate; a device of
+            // our own account must be under our own account key.
+            let members = member_devices(&group);
+            let mut added_devices: Vec<String> = Vec::new();
             for add in staged.add_proposals() {
                 let leaf = add.add_proposal().key_package().leaf_node();
                 let cert = verify_member(leaf.credential(), leaf.signature_key().as_slice())?;
-                pin_contact(tx, &cert.username, &cert.account_key, now)?;
-                if !added.contains(&cert.username) {
-                    added.push(cert.username);
+                if cert.username == identity.username && cert.account_key != identity.account_key()
+                {
+                    return Err(CoreError::InvalidCertificate(
+                        "a device of your account under another account key was added".into(),
+                    ));
                 }
+                observe_account_key(
+                    provider,
+                    tx,
+                    &identity.username,
+                    &cert.username,
+                    &cert.account_key,
+                    now,
+                )?;
+                added_devices.push(cert.username);
             }
             if let Some(leaf) = staged.update_path_leaf_node() {
                 verify_member(leaf.credential(), leaf.signature_key().as_slice())?;
             }
-            let members = member_devices(&group);
             let mut left = Vec::new();
-            let mut removed = Vec::new();
+            let mut removed_devices: Vec<String> = Vec::new();
             for remove in staged.remove_proposals() {
                 let leaf = remove.remove_proposal().removed();
                 let Some(member) = members.iter().find(|m| m.leaf == leaf) else {
                     continue;
                 };
-                let by_self = matches!(remove.sender(), Sender::Member(s) if *s == leaf);
-                let list = if by_self { &mut left } else { &mut removed };
-                if !list.contains(&member.username) {
-                    list.push(member.username.clone());
+                if matches!(remove.sender(), Sender::Member(s) if *s == leaf) {
+                    if !left.contains(&member.username) {
+                        left.push(member.username.clone());
+                    }
+                } else {
+                    removed_devices.push(member.username.clone());
+                }
+            }
+            // Describe the change per account: a new account, a gone account, or an
+            // account whose set of devices changed.
+            let had = |user: &str| members.iter().any(|m| m.username == user);
+            let keeps = |user: &str| {
+                members.iter().filter(|m| m.username == user).count()
+                    > removed_devices.iter().filter(|u| *u == user).count()
+            };
+            let mut added = Vec::new();
+            let mut removed = Vec::new();
+            let mut devices_changed = Vec::new();
+            for user in &added_devices {
+                let list = if had(user) {
+                    &mut devices_changed
+                } else {
+                    &mut added
+                };
+                if !list.contains(user) {
+                    list.push(user.clone());
+                }
+            }
+            for user in &removed_devices {
+                let list = if keeps(user) || added_devices.contains(user) {
+                    &mut devices_changed
+                } else {
+                    &mut removed
+                };
+                if !list.contains(user) {
+                    list.push(user.clone());
                 }
             }
             let self_removed = staged.self_removed();
@@ -262,17 +320,30 @@ fn process_in_group(
             if !added.is_empty() {
                 notices.push(format!("{sender_name} added {}", added.join(", ")));
             }
+            for user in devices_changed {
+                let whose = if user == identity.username {
+                    "your".to_owned()
+                } else {
+                    format!("{user}'s")
+                };
+                notices.push(format!("{whose} devices changed"));
+            }
             for user in left {
                 notices.push(format!("{user} left"));
             }
             if self_removed {
-                notices.push(format!("{sender_name} removed you"));
+                notices.push(if sender_name == identity.username {
+                    "this device was removed from the conversation by another of your devices"
+                        .to_owned()
+                } else {
+                    format!("{sender_name} removed you")
+                });
                 tx.execute(
                     "UPDATE conversations SET status = 'removed' WHERE group_id = ?",
                     [&envelope.group_id],
                 )?;
                 group.delete(provider.storage())?;
-            } else if !removed.is_empty() {
+            } else if !removed.is_empty() && !removed.contains(&identity.username) {
                 notices.push(format!("{sender_name} removed {}", removed.join(", ")));
             }
             Ok(Outcome::Notices(notices))
@@ -307,7 +378,7 @@ impl Engine {
                 return Ok(Vec::new());
             }
             let outcome = match envelope.kind {
-                EnvelopeKind::Welcome => process_welcome(provider, tx, envelope, now)?,
+                EnvelopeKind::Welcome => process_welcome(provider, tx, identity, envelope, now)?,
                 _ => process_in_group(provider, tx, identity, envelope, now)?,
             };
             mark_processed(tx, envelope, now)?;

@@ -11,6 +11,7 @@
 //! Submodules: [`conversations`] (create, add, remove, leave, send), [`inbound`]
 //! (processing envelopes), [`queries`] (listing conversations and history).
 
+pub mod contacts;
 pub mod conversations;
 pub mod inbound;
 pub mod queries;
@@ -29,6 +30,7 @@ use openmls_traits::OpenMlsProvider as _;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use sealpost_proto::Bytes64;
 use sealpost_proto::api::{RegisterRequest, UploadKeyPackagesRequest, login_signed_bytes};
+use sealpost_proto::certificate::DeviceCertificate;
 use sealpost_proto::names::validate_username;
 use serde::Serialize;
 use uuid::Uuid;
@@ -183,6 +185,17 @@ impl Engine {
         Ok(result)
     }
 
+    /// Makes this device's MLS signature key and id.
+    fn new_device_key() -> Result<(Uuid, SignatureKeyPair, [u8; 32]), CoreError> {
+        let signer =
+            SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(CoreError::mls)?;
+        let device_key: [u8; 32] = signer
+            .public()
+            .try_into()
+            .map_err(|_| CoreError::Mls("device key is not an Ed25519 key".into()))?;
+        Ok((Uuid::new_v4(), signer, device_key))
+    }
+
     /// Creates the account key, the first device and its certificate, and stores them.
     /// Returns the registration request for the server.
     pub fn create_identity(
@@ -195,13 +208,7 @@ impl Engine {
         }
         validate_username(username).map_err(|e| CoreError::InvalidInput(e.to_string()))?;
         let account = AccountKey::generate();
-        let device_id = Uuid::new_v4();
-        let signer =
-            SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(CoreError::mls)?;
-        let device_key: [u8; 32] = signer
-            .public()
-            .try_into()
-            .map_err(|_| CoreError::Mls("device key is not an Ed25519 key".into()))?;
+        let (device_id, signer, device_key) = Self::new_device_key()?;
         let certificate = account.certify(username, device_id, device_key).encode();
         let request = RegisterRequest {
             username: username.to_owned(),
@@ -219,6 +226,101 @@ impl Engine {
             Ok(())
         })?;
         Ok(request)
+    }
+
+    /// New device, step 1 of linking: makes this device's key and the request to seal for
+    /// the existing device.
+    pub fn prepare_link_device(
+        &mut self,
+        name: &str,
+        server_url: &str,
+    ) -> Result<crate::link::LinkRequest, CoreError> {
+        if let Some(identity) = &self.identity {
+            return Err(CoreError::AlreadyRegistered(identity.username.clone()));
+        }
+        let (device_id, signer, device_key) = Self::new_device_key()?;
+        self.transact(|provider, tx, _| {
+            signer.store(provider.storage())?;
+            store::meta_set(tx, "device_id", device_id.to_string().as_bytes())?;
+            store::meta_set(tx, "server_url", server_url.as_bytes())?;
+            store::meta_set(tx, "device_public", &device_key)?;
+            Ok(())
+        })?;
+        Ok(crate::link::LinkRequest {
+            device_id,
+            device_key: device_key.to_vec(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// New device, last step of linking: checks the existing device's response (the
+    /// certificate must be for this device, signed by the account key it brings) and
+    /// becomes a registered device of that account.
+    pub fn finish_link(&mut self, response: &crate::link::LinkResponse) -> Result<(), CoreError> {
+        let device_id = self.device_id()?.ok_or(CoreError::NotRegistered)?;
+        let device_public =
+            store::meta_get(&self.conn, "device_public")?.ok_or(CoreError::NotRegistered)?;
+        let account = AccountKey::from_secret(&response.account_secret)?;
+        let cert = DeviceCertificate::decode(&response.certificate)
+            .map_err(|e| CoreError::InvalidCertificate(e.to_string()))?;
+        crate::identity::verify_certificate(&cert)?;
+        if cert.device_id != device_id
+            || cert.device_key.as_slice() != device_public.as_slice()
+            || cert.account_key != account.public()
+            || cert.username != response.username
+        {
+            return Err(CoreError::InvalidCertificate(
+                "the certificate from the other device is not for this device".into(),
+            ));
+        }
+        self.transact(|_, tx, _| {
+            store::meta_set(tx, "account_secret", account.secret().as_slice())?;
+            store::meta_set(tx, "certificate", &response.certificate)?;
+            store::meta_set(tx, "username", response.username.as_bytes())?;
+            Ok(())
+        })?;
+        self.identity = self.load_identity()?;
+        Ok(())
+    }
+
+    /// Existing device: certifies a new device of this account and builds the response to
+    /// seal for it (it carries the account key).
+    pub fn certify_device(
+        &self,
+        request: &crate::link::LinkRequest,
+    ) -> Result<(Vec<u8>, crate::link::LinkResponse), CoreError> {
+        let identity = self.identity()?;
+        let device_key: [u8; 32] =
+            request.device_key.as_slice().try_into().map_err(|_| {
+                CoreError::InvalidInput("the new device's key is not 32 bytes".into())
+            })?;
+        ed25519_dalek::VerifyingKey::from_bytes(&device_key)
+            .map_err(|_| CoreError::InvalidInput("the new device's key is not valid".into()))?;
+        let certificate = identity
+            .account
+            .certify(&identity.username, request.device_id, device_key)
+            .encode();
+        let response = crate::link::LinkResponse {
+            username: identity.username.clone(),
+            account_secret: identity.account.secret().to_vec(),
+            certificate: certificate.clone(),
+        };
+        Ok((certificate, response))
+    }
+
+    /// Seals a device name for the server (readable by this account's devices only).
+    pub fn seal_device_name(&self, device_id: Uuid, name: &str) -> Result<Vec<u8>, CoreError> {
+        let chars = name.chars().count();
+        if chars == 0
+            || chars > sealpost_proto::limits::DEVICE_NAME_MAX_CHARS
+            || name.chars().any(char::is_control)
+        {
+            return Err(CoreError::InvalidInput(format!(
+                "a device name is 1 to {} characters without control characters",
+                sealpost_proto::limits::DEVICE_NAME_MAX_CHARS
+            )));
+        }
+        self.identity()?.account.seal_device_name(device_id, name)
     }
 
     /// Marks the identity created by [`Self::create_identity`] as registered.
