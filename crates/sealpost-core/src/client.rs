@@ -213,7 +213,14 @@ impl Client {
             .engine()?
             .device_id()?
             .ok_or(CoreError::NotRegistered)?;
-        let challenge = self.transport.challenge(device_id).await?;
+        let challenge =
+            self.transport
+                .challenge(device_id)
+                .await
+                .map_err(|err| match err.server_code() {
+                    Some(ErrorCode::DeviceNotFound) => CoreError::DeviceRevoked,
+                    _ => err,
+                })?;
         let signature = self.engine()?.sign_login(challenge.nonce.as_ref())?;
         let response = self
             .transport
@@ -456,9 +463,8 @@ impl Client {
             .collect();
         let mut accounts = std::collections::BTreeSet::new();
         for group in &groups {
-            for member in self.engine()?.members(group)? {
-                accounts.insert(member.username);
-            }
+            let members = self.engine()?.members(group)?;
+            accounts.extend(members.into_iter().map(|member| member.username));
         }
         accounts.extend(force.iter().cloned());
         let now = now_secs();
@@ -525,7 +531,8 @@ impl Client {
             me,
             devices.into_iter().map(|d| d.device_id).collect::<Vec<_>>(),
         )]);
-        for conversation in self.engine()?.conversations()? {
+        let conversations = self.engine()?.conversations()?;
+        for conversation in conversations {
             if conversation.status == "active"
                 && !self
                     .engine()?

@@ -25,6 +25,8 @@ pub enum CoreError {
     AlreadyAMember { user: String, conversation: String },
     #[error("a group named {0:?} already exists")]
     NameTaken(String),
+    #[error("this device was removed from its account; link it again with `sealpost link`")]
+    DeviceRevoked,
     #[error("the key of {user} changed: {detail}")]
     KeyMismatch { user: String, detail: String },
     #[error("invalid device certificate: {0}")]
@@ -74,6 +76,7 @@ impl CoreError {
             Self::NotAMember { .. } => "not_a_member",
             Self::AlreadyAMember { .. } => "already_a_member",
             Self::NameTaken(_) => "name_taken",
+            Self::DeviceRevoked => "device_revoked",
             Self::KeyMismatch { .. } => "key_mismatch",
             Self::InvalidCertificate(_) => "invalid_certificate",
             Self::Unreachable { .. } => "unreachable",

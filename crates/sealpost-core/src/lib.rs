@@ -10,6 +10,8 @@
 //! - [`identity`], [`payload`], [`store`]: device certificates, the encrypted application
 //!   payload format, and the on-disk SQLite store shared with OpenMLS.
 
+#[cfg(feature = "adversarial")]
+pub mod adversarial;
 pub mod client;
 pub mod engine;
 pub mod error;

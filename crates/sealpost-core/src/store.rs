@@ -152,6 +152,16 @@ pub fn open(path: &Path) -> Result<Connection, CoreError> {
     Ok(connection)
 }
 
+/// An in-memory store (scratch work that must not touch the user's database).
+pub fn open_in_memory() -> Result<Connection, CoreError> {
+    let mut connection = Connection::open_in_memory()?;
+    migrate(&mut connection)?;
+    SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut connection)
+        .run_migrations()
+        .map_err(|e| CoreError::Codec(format!("OpenMLS storage migration failed: {e}")))?;
+    Ok(connection)
+}
+
 pub fn meta_get(connection: &Connection, key: &str) -> Result<Option<Vec<u8>>, CoreError> {
     Ok(connection
         .query_row("SELECT value FROM meta WHERE key = ?", [key], |row| {

@@ -17,6 +17,8 @@ pub struct Config {
     pub challenge_ttl: Duration,
     /// How often expired rows are purged.
     pub expiry_interval: Duration,
+    /// How long a device-link session lives.
+    pub link_ttl: Duration,
 }
 
 impl Config {
@@ -29,6 +31,7 @@ impl Config {
             token_ttl: Duration::from_secs(7 * 24 * 3600),
             challenge_ttl: Duration::from_secs(60),
             expiry_interval: Duration::from_secs(60),
+            link_ttl: Duration::from_secs(sealpost_proto::limits::LINK_TTL_SECS),
         }
     }
 

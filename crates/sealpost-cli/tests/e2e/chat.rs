@@ -1,6 +1,6 @@
 //! 1:1 and group conversations through the CLI, and removal through the library.
 
-use crate::common::{Env, failures, texts};
+use crate::common::{Env, copy_dir, failures, texts};
 use sealpost_core::Client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,14 +194,6 @@ async fn removed_member_receives_nothing_and_cannot_decrypt_later_messages() {
         texts(&alice.sync().await.unwrap()),
         ["before removal", "after removal"]
     );
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

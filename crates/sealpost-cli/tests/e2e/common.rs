@@ -40,10 +40,31 @@ pub struct Env {
 
 impl Env {
     pub async fn new() -> Self {
+        Self::with_config(|_| {}).await
+    }
+
+    /// A server with a changed configuration.
+    pub async fn with_config(change: impl FnOnce(&mut sealpost_server::Config)) -> Self {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
-        let server = TestServer::start(&dir.path().join("server")).await;
+        let mut config = sealpost_server::Config::new(dir.path().join("server"));
+        change(&mut config);
+        let server = TestServer::start_with(config).await;
         Self { dir, server }
+    }
+
+    /// Links a new device named `name` to the account of `existing`.
+    pub async fn link_device(&self, existing: &Client, name: &str) -> Client {
+        let code = existing.create_link().await.unwrap();
+        let url = self.server.url();
+        let home = self.home(name);
+        let shown = code.display();
+        let (linked, new) = tokio::join!(
+            existing.complete_link(&code, |_| {}),
+            Client::link(&home, &shown, &url, name, TEST_KEY_PACKAGES),
+        );
+        linked.unwrap();
+        new.unwrap()
     }
 
     pub fn home(&self, name: &str) -> PathBuf {
@@ -141,4 +162,13 @@ pub fn failures(entries: &[HistoryEntry]) -> Vec<String> {
         })
         .map(|e| e.text.clone())
         .collect()
+}
+
+/// Copies a client home (after its client is dropped), to keep its keys as they are.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
 }

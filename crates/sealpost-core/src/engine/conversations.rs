@@ -207,7 +207,7 @@ fn verify_claimed(
     Ok(out)
 }
 
-fn insert_outbox(
+pub(crate) fn insert_outbox(
     tx: &Transaction<'_>,
     outgoing: &Outgoing,
     group_id: &str,
@@ -259,7 +259,7 @@ pub(crate) fn insert_notice(
     Ok(id)
 }
 
-fn commit_request(
+pub(crate) fn commit_request(
     group: &MlsGroup,
     commit: &openmls::prelude::MlsMessageOut,
     welcome: Option<&openmls::prelude::MlsMessageOut>,
@@ -668,7 +668,22 @@ impl Engine {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
             require_active(tx, group_id)?;
             let mut group = require_group(provider, group_id)?;
-            let blocked = blocked_members(tx, member_devices(&group).into_iter().map(|m| m.username))?;
+            // The peer of a 1:1 counts even if none of their devices is in the group now.
+            let peer: Option<String> = tx
+                .query_row(
+                    "SELECT peer FROM conversations WHERE group_id = ? AND kind = 'direct'",
+                    [group_id],
+                    |row| row.get(0),
+                )
+                .optional()?
+                .flatten();
+            let blocked = blocked_members(
+                tx,
+                member_devices(&group)
+                    .into_iter()
+                    .map(|m| m.username)
+                    .chain(peer),
+            )?;
             if !blocked.is_empty() {
                 return Err(key_change_error(&blocked));
             }
@@ -771,8 +786,8 @@ impl Engine {
 
     /// Which devices a group lacks and which it holds in excess, compared with the
     /// directory's device list of each account in it (`directory` maps a username to its
-    /// devices; accounts not in the map are left alone). Devices of users whose key change
-    /// awaits acceptance are never planned for adding.
+    /// devices; accounts not in the map are left alone). Accounts whose key change awaits
+    /// acceptance are left alone too.
     pub fn plan_reconcile(
         &mut self,
         group_id: &str,
@@ -791,9 +806,11 @@ impl Engine {
             let mut accounts: Vec<String> = members.iter().map(|m| m.username.clone()).collect();
             accounts.sort();
             accounts.dedup();
+            // While a verified contact's key change awaits acceptance, their part of the
+            // group is left exactly as it is: nothing added, nothing removed.
             let blocked = blocked_members(tx, accounts.iter().cloned())?;
             for member in &members {
-                if member.device_id == identity.device_id {
+                if member.device_id == identity.device_id || blocked.contains(&member.username) {
                     continue;
                 }
                 if let Some(listed) = directory.get(&member.username)

@@ -132,6 +132,20 @@ fn process_welcome(
         .and_then(|leaf| certificate_of(leaf.credential()))
         .map(|cert| cert.username)
         .unwrap_or_else(|| "someone".into());
+    // The other account of a 1:1 is whoever is in it besides us (the Welcome may come
+    // from one of our own devices adding this one).
+    let others: Vec<String> = {
+        let mut others: Vec<String> = staged
+            .members()
+            .filter_map(|member| certificate_of(&member.credential))
+            .map(|cert| cert.username)
+            .filter(|name| *name != identity.username)
+            .collect();
+        others.sort();
+        others.dedup();
+        others
+    };
+    let by_own_device = sender == identity.username;
     let info = staged
         .group_context()
         .extensions()
@@ -145,15 +159,26 @@ fn process_welcome(
         return Err(CoreError::Mls("the Welcome is for another group".into()));
     }
     let (kind, name, peer, notice) = match info {
-        ConversationInfo::Direct => (
-            "direct",
-            None,
-            Some(sender.clone()),
-            format!("{sender} started a conversation with you"),
-        ),
+        ConversationInfo::Direct => {
+            let [peer] = others.as_slice() else {
+                return Err(CoreError::Mls(
+                    "a 1:1 conversation must have exactly one other account".into(),
+                ));
+            };
+            let notice = if by_own_device {
+                format!("this device joined your conversation with {peer}")
+            } else {
+                format!("{sender} started a conversation with you")
+            };
+            ("direct", None, Some(peer.clone()), notice)
+        }
         ConversationInfo::Group { name } => {
             let local = unique_group_name(tx, &name)?;
-            let notice = format!("{sender} added you to {local:?}");
+            let notice = if by_own_device {
+                format!("this device joined {local:?}")
+            } else {
+                format!("{sender} added you to {local:?}")
+            };
             ("group", Some(local), None, notice)
         }
     };

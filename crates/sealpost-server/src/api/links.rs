@@ -113,7 +113,7 @@ pub async fn create(
             link_id,
             owner_device: caller.device_id,
             verifier: request.verifier.into_inner(),
-            expires_at: clock::now_unix() + limits::LINK_TTL_SECS as i64,
+            expires_at: clock::now_unix() + state.config.link_ttl.as_secs() as i64,
             failed_attempts: 0,
             state: LinkState::Open,
             sealed_request: None,
@@ -123,7 +123,7 @@ pub async fn create(
     Ok((
         StatusCode::CREATED,
         Json(CreateLinkResponse {
-            expires_in_secs: limits::LINK_TTL_SECS,
+            expires_in_secs: state.config.link_ttl.as_secs(),
         }),
     ))
 }

@@ -376,7 +376,7 @@ impl Store for SqliteStore {
     }
 
     async fn link(&self, link_id: &[u8], now: i64) -> Result<Option<LinkRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM links WHERE link_id = ? AND expires_at >= ?")
+        let row = sqlx::query("SELECT * FROM links WHERE link_id = ? AND expires_at > ?")
             .bind(link_id)
             .bind(now)
             .fetch_optional(&self.writer)
