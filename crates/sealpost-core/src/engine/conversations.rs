@@ -294,6 +294,19 @@ fn status_of(tx: &Transaction<'_>, group_id: &str) -> Result<Option<String>, Cor
         .optional()?)
 }
 
+/// The MLS group of an active conversation; `None` when the conversation is not active
+/// or its group is gone.
+fn active_group(
+    provider: &Provider<'_>,
+    tx: &Transaction<'_>,
+    group_id: &str,
+) -> Result<Option<MlsGroup>, CoreError> {
+    if status_of(tx, group_id)?.as_deref() != Some("active") {
+        return Ok(None);
+    }
+    load_group(provider, group_id)
+}
+
 fn require_active(tx: &Transaction<'_>, group_id: &str) -> Result<(), CoreError> {
     match status_of(tx, group_id)?.as_deref() {
         Some("active") => Ok(()),
@@ -506,10 +519,7 @@ impl Engine {
     ) -> Result<Option<OutgoingCommit>, CoreError> {
         self.transact(|provider, tx, identity| {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
-            if status_of(tx, group_id)?.as_deref() != Some("active") {
-                return Ok(None);
-            }
-            let Some(mut group) = load_group(provider, group_id)? else {
+            let Some(mut group) = active_group(provider, tx, group_id)? else {
                 return Ok(None);
             };
             if group.pending_proposals().next().is_none() || group.pending_commit().is_some() {
@@ -796,10 +806,7 @@ impl Engine {
         self.transact(|provider, tx, identity| {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
             let mut plan = ReconcilePlan::default();
-            if status_of(tx, group_id)?.as_deref() != Some("active") {
-                return Ok(plan);
-            }
-            let Some(group) = load_group(provider, group_id)? else {
+            let Some(group) = active_group(provider, tx, group_id)? else {
                 return Ok(plan);
             };
             let members = member_devices(&group);
@@ -844,10 +851,7 @@ impl Engine {
     ) -> Result<Option<OutgoingCommit>, CoreError> {
         self.transact(|provider, tx, identity| {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
-            if status_of(tx, group_id)?.as_deref() != Some("active") {
-                return Ok(None);
-            }
-            let Some(mut group) = load_group(provider, group_id)? else {
+            let Some(mut group) = active_group(provider, tx, group_id)? else {
                 return Ok(None);
             };
             let members = member_devices(&group);

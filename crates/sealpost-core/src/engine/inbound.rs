@@ -71,6 +71,34 @@ fn mark_processed(tx: &Transaction<'_>, envelope: &Envelope, now: i64) -> Result
     Ok(())
 }
 
+/// Checks a member a Welcome or commit brings: a valid certificate naming the key it signs
+/// with, a device of our own account only under our own account key, and the account key
+/// recorded for its user (key-change rules in `contacts`).
+fn accept_member(
+    provider: &Provider<'_>,
+    tx: &Transaction<'_>,
+    identity: &Identity,
+    credential: &openmls::prelude::Credential,
+    signature_key: &[u8],
+    now: i64,
+) -> Result<sealpost_proto::certificate::DeviceCertificate, CoreError> {
+    let cert = verify_member(credential, signature_key)?;
+    if cert.username == identity.username && cert.account_key != identity.account_key() {
+        return Err(CoreError::InvalidCertificate(
+            "a device of your account appears under another account key".into(),
+        ));
+    }
+    observe_account_key(
+        provider,
+        tx,
+        &identity.username,
+        &cert.username,
+        &cert.account_key,
+        now,
+    )?;
+    Ok(cert)
+}
+
 fn parse(payload: &[u8]) -> Result<MlsMessageIn, CoreError> {
     MlsMessageIn::tls_deserialize_exact(payload)
         .map_err(|_| CoreError::Mls("malformed MLS message".into()))
@@ -111,18 +139,12 @@ fn process_welcome(
         .map_err(CoreError::mls)?;
     // Every member must present a valid certificate; pin their account keys.
     for member in staged.members() {
-        let cert = verify_member(&member.credential, &member.signature_key)?;
-        if cert.username == identity.username && cert.account_key != identity.account_key() {
-            return Err(CoreError::InvalidCertificate(
-                "the group lists a device of your account under another account key".into(),
-            ));
-        }
-        observe_account_key(
+        accept_member(
             provider,
             tx,
-            &identity.username,
-            &cert.username,
-            &cert.account_key,
+            identity,
+            &member.credential,
+            &member.signature_key,
             now,
         )?;
     }
@@ -272,19 +294,12 @@ fn process_in_group(
             let mut added_devices: Vec<String> = Vec::new();
             for add in staged.add_proposals() {
                 let leaf = add.add_proposal().key_package().leaf_node();
-                let cert = verify_member(leaf.credential(), leaf.signature_key().as_slice())?;
-                if cert.username == identity.username && cert.account_key != identity.account_key()
-                {
-                    return Err(CoreError::InvalidCertificate(
-                        "a device of your account under another account key was added".into(),
-                    ));
-                }
-                observe_account_key(
+                let cert = accept_member(
                     provider,
                     tx,
-                    &identity.username,
-                    &cert.username,
-                    &cert.account_key,
+                    identity,
+                    leaf.credential(),
+                    leaf.signature_key().as_slice(),
                     now,
                 )?;
                 added_devices.push(cert.username);
