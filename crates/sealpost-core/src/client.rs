@@ -25,6 +25,7 @@ use crate::engine::contacts::{ContactKey, SafetyNumber};
 use crate::engine::conversations::{MemberDevice, Outgoing, OutgoingCommit, OutgoingMessage};
 use crate::engine::{ConversationKind, ConversationSummary, Engine, HistoryEntry};
 use crate::error::CoreError;
+use crate::kt::KtKeys;
 use crate::link::LinkCode;
 use crate::payload::ConversationInfo;
 use crate::transport::Transport;
@@ -32,6 +33,8 @@ use crate::transport::Transport;
 /// How long a contact's directory entry (account key, devices) is trusted before it is
 /// fetched again during `sync`. Sending to a 1:1 always fetches the peer's entry first.
 const DIRECTORY_TTL_SECS: i64 = 60;
+/// How long to wait for the key directory to publish a new account or device.
+const KT_PUBLISH_WAIT: Duration = Duration::from_secs(15);
 /// How long `device link` waits for the new device.
 const LINK_WAIT: Duration = Duration::from_secs(600);
 /// How long the existing device waits for a linked device's KeyPackages.
@@ -72,6 +75,17 @@ pub struct DeviceEntry {
     /// This is the device the command runs on.
     pub current: bool,
 }
+
+/// What `audit` verified.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditSummary {
+    pub from: u64,
+    pub to: u64,
+    pub epochs: u64,
+}
+
+/// Epochs per append-only proof request.
+const AUDIT_CHUNK: u64 = 50;
 
 /// The outcome of linking, seen from the existing device.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -143,6 +157,18 @@ impl Client {
         server_url: &str,
         key_packages: usize,
     ) -> Result<Self, CoreError> {
+        Self::register_pinned(home, username, server_url, key_packages, None).await
+    }
+
+    /// Like [`Self::register`], pinning the given key-directory signing key (hex) instead
+    /// of trusting the one the server presents now.
+    pub async fn register_pinned(
+        home: &Path,
+        username: &str,
+        server_url: &str,
+        key_packages: usize,
+        kt_key: Option<&str>,
+    ) -> Result<Self, CoreError> {
         std::fs::create_dir_all(home)?;
         let mut engine = Engine::open(&database_path(home))?;
         if let Some(identity) = engine.identity.as_ref() {
@@ -175,10 +201,59 @@ impl Client {
             }
             Err(err) => return Err(err),
         }
+        client.pin_kt_keys(kt_key).await?;
         client.engine()?.confirm_registration()?;
         client.login().await?;
         client.upload_key_packages(key_packages, true).await?;
         Ok(client)
+    }
+
+    /// Pins the server's key-directory keys, checking them against `expected` (hex of the
+    /// signing key) when the user gave one.
+    async fn pin_kt_keys(&self, expected: Option<&str>) -> Result<(), CoreError> {
+        let keys = self.transport.kt_keys().await?;
+        let signing_key: [u8; 32] = keys
+            .signing_key
+            .as_ref()
+            .try_into()
+            .map_err(|_| CoreError::BadResponse("the directory key is not 32 bytes".into()))?;
+        if let Some(expected) = expected
+            && !expected
+                .trim()
+                .eq_ignore_ascii_case(&hex::encode(signing_key))
+        {
+            return Err(CoreError::Transparency(format!(
+                "the server's key-directory key is {}, not the {} you gave with --kt-key",
+                hex::encode(signing_key),
+                expected.trim()
+            )));
+        }
+        self.engine()?.pin_kt_keys(&KtKeys {
+            signing_key,
+            vrf_public_key: keys.vrf_public_key.into_inner(),
+        })
+    }
+
+    /// A user's devices with their key-directory proof, waiting (briefly) for a change
+    /// that the directory has not published yet.
+    async fn fetch_user(
+        &self,
+        username: &str,
+    ) -> Result<sealpost_proto::api::UserDevicesResponse, CoreError> {
+        let mut wait = Duration::from_millis(20);
+        let deadline = tokio::time::Instant::now() + KT_PUBLISH_WAIT;
+        loop {
+            match self.authed(|| self.transport.user_devices(username)).await {
+                Err(err)
+                    if err.server_code() == Some(ErrorCode::KtPending)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     fn engine(&self) -> Result<MutexGuard<'_, Engine>, CoreError> {
@@ -474,13 +549,16 @@ impl Client {
             if !force.contains(&user) && now - checked < DIRECTORY_TTL_SECS {
                 continue;
             }
-            match self.authed(|| self.transport.user_devices(&user)).await {
+            match self.fetch_user(&user).await {
                 Ok(response) => {
                     let devices = self.engine()?.observe_directory(&response, now)?;
                     directory.insert(user, devices.into_iter().map(|d| d.device_id).collect());
                 }
-                // The account was deleted: none of its devices belong in any group.
+                // The account is gone: only with the directory's proof of deletion do its
+                // devices leave our groups.
                 Err(err) if err.server_code() == Some(ErrorCode::UserNotFound) => {
+                    let proof = self.transport.kt_lookup(&user).await?;
+                    self.engine()?.observe_deleted(&user, &proof, now)?;
                     directory.insert(user, Vec::new());
                 }
                 Err(err) => return Err(err),
@@ -522,15 +600,21 @@ impl Client {
         Ok(())
     }
 
-    /// Whether any active group still lacks a device the directory lists for us.
-    async fn own_devices_pending(&self) -> Result<bool, CoreError> {
+    /// Whether `device` is not yet published in our directory entry, or some active group
+    /// still lacks a device the directory lists for us.
+    async fn own_devices_pending(&self, device: Uuid) -> Result<bool, CoreError> {
         let me = self.whoami()?.username;
-        let response = self.authed(|| self.transport.user_devices(&me)).await?;
-        let devices = self.engine()?.observe_directory(&response, now_secs())?;
-        let directory = std::collections::HashMap::from([(
-            me,
-            devices.into_iter().map(|d| d.device_id).collect::<Vec<_>>(),
-        )]);
+        let response = self.fetch_user(&me).await?;
+        let devices: Vec<Uuid> = self
+            .engine()?
+            .observe_directory(&response, now_secs())?
+            .into_iter()
+            .map(|d| d.device_id)
+            .collect();
+        if !devices.contains(&device) {
+            return Ok(true);
+        }
+        let directory = std::collections::HashMap::from([(me, devices)]);
         let conversations = self.engine()?.conversations()?;
         for conversation in conversations {
             if conversation.status == "active"
@@ -546,10 +630,90 @@ impl Client {
         Ok(false)
     }
 
-    /// Fetches and processes new messages; returns what has not been shown yet.
+    /// Fetches and processes new messages, checks the key directory (the current root,
+    /// roots other members gossiped, and our own account's history); returns what has not
+    /// been shown yet.
     pub async fn sync(&self) -> Result<Vec<HistoryEntry>, CoreError> {
         self.catch_up().await?;
+        self.check_directory().await?;
         self.engine()?.take_unshown()
+    }
+
+    /// The key-transparency part of `sync`.
+    async fn check_directory(&self) -> Result<(), CoreError> {
+        let now = now_secs();
+        let root = self.transport.kt_root().await?;
+        self.engine()?.observe_signed_root(&root, now)?;
+        let epochs = self.engine()?.pending_gossip_epochs()?;
+        for epoch in epochs {
+            let roots = self.transport.kt_roots(epoch, epoch).await?.roots;
+            if roots.is_empty() {
+                continue;
+            }
+            self.engine()?.resolve_gossip(&roots, now)?;
+        }
+        let me = self.whoami()?.username;
+        match self.transport.kt_history(&me).await {
+            Ok(history) => {
+                self.engine()?.check_own_history(&history, now)?;
+            }
+            // Not published yet (a brand-new account): nothing to monitor.
+            Err(err) if err.server_code() == Some(ErrorCode::KtPending) => {}
+            Err(err) => return Err(err),
+        }
+        Ok(())
+    }
+
+    /// Verifies that the key directory only grew from epoch `from` to `to` (default: the
+    /// current epoch), in chunks; `progress(done, total)` reports epochs verified.
+    pub async fn audit(
+        &self,
+        from: u64,
+        to: Option<u64>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<AuditSummary, CoreError> {
+        let keys = self.engine()?.kt_keys()?;
+        let current = self.transport.kt_root().await?;
+        crate::kt::verify_root(&keys, &current)?;
+        self.engine()?.observe_signed_root(&current, now_secs())?;
+        let to = to.unwrap_or(current.epoch);
+        if to > current.epoch {
+            return Err(CoreError::InvalidInput(format!(
+                "the directory is at epoch {}; cannot audit up to {to}",
+                current.epoch
+            )));
+        }
+        if from >= to {
+            return Err(CoreError::InvalidInput(format!(
+                "nothing to audit: --from {from} must be below --to {to}"
+            )));
+        }
+        let total = to - from;
+        let mut start = from;
+        while start < to {
+            let end = (start + AUDIT_CHUNK).min(to);
+            let response = self.transport.kt_audit(start, end).await?;
+            if response.roots.first().map(|r| r.epoch) != Some(start)
+                || response.roots.last().map(|r| r.epoch) != Some(end)
+            {
+                return Err(CoreError::Transparency(format!(
+                    "the server answered an audit of epochs {start}..{end} with other epochs"
+                )));
+            }
+            crate::kt::verify_audit(&keys, &response).await?;
+            let mut engine = self.engine()?;
+            for root in &response.roots {
+                engine.observe_signed_root_history(root, now_secs())?;
+            }
+            drop(engine);
+            progress(end - from, total);
+            start = end;
+        }
+        Ok(AuditSummary {
+            from,
+            to,
+            epochs: total,
+        })
     }
 
     /// Stays connected over the WebSocket and calls `on_entries` with new messages as
@@ -597,10 +761,14 @@ impl Client {
                 }
                 Err(err) => return Err(err),
             }
+            let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+            hourly.tick().await;
             loop {
                 let frame = tokio::select! {
                     () = &mut stop => return Ok(()),
                     frame = socket.next() => frame,
+                    // Self-monitoring and root checks at least hourly, even when quiet.
+                    _ = hourly.tick() => Some(Ok(Message::Text(String::new().into()))),
                 };
                 match frame {
                     Some(Ok(Message::Text(_))) => match self.sync().await {
@@ -628,6 +796,8 @@ impl Client {
         for user in users {
             sealpost_proto::names::validate_username(user)
                 .map_err(|e| CoreError::InvalidInput(format!("{user:?}: {e}")))?;
+            // Learn the user's proven devices first: only those are accepted below.
+            self.refresh_contact(user).await?;
             let claim = self
                 .authed(|| self.transport.claim_key_packages(user))
                 .await
@@ -909,7 +1079,7 @@ impl Client {
         loop {
             self.drain_mailbox().await?;
             self.reconcile(std::slice::from_ref(&me)).await?;
-            if !self.own_devices_pending().await? {
+            if !self.own_devices_pending(request.device_id).await? {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -987,9 +1157,7 @@ impl Client {
     /// The account's devices.
     pub async fn devices(&self) -> Result<Vec<DeviceEntry>, CoreError> {
         let me = self.whoami()?;
-        let response = self
-            .authed(|| self.transport.user_devices(&me.username))
-            .await?;
+        let response = self.fetch_user(&me.username).await?;
         let devices = self.engine()?.observe_directory(&response, now_secs())?;
         Ok(devices
             .into_iter()
@@ -1017,7 +1185,24 @@ impl Client {
     pub async fn remove_device(&self, device_id: Uuid) -> Result<(), CoreError> {
         self.authed(|| self.transport.remove_device(device_id))
             .await?;
+        // Groups follow the key directory: wait until it no longer lists the device.
         let me = self.whoami()?.username;
+        let deadline = tokio::time::Instant::now() + KT_PUBLISH_WAIT;
+        loop {
+            let response = self.fetch_user(&me).await?;
+            let listed = self.engine()?.observe_directory(&response, now_secs())?;
+            if !listed.iter().any(|d| d.device_id == device_id) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CoreError::Transparency(
+                    "the server revoked the device but the key directory still lists it; it \
+                     will be removed from conversations once the directory publishes"
+                        .into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.drain_mailbox().await?;
         self.reconcile(&[me]).await
     }
@@ -1030,7 +1215,7 @@ impl Client {
 
     async fn refresh_contact(&self, username: &str) -> Result<(), CoreError> {
         let response = self
-            .authed(|| self.transport.user_devices(username))
+            .fetch_user(username)
             .await
             .map_err(|err| match err.server_code() {
                 Some(ErrorCode::UserNotFound) => {

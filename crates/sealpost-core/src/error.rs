@@ -29,6 +29,8 @@ pub enum CoreError {
     DeviceRevoked,
     #[error("the key of {user} changed: {detail}")]
     KeyMismatch { user: String, detail: String },
+    #[error("key transparency check failed: {0}")]
+    Transparency(String),
     #[error("invalid device certificate: {0}")]
     InvalidCertificate(String),
     #[error("server: {message} ({code})")]
@@ -79,6 +81,7 @@ impl CoreError {
             Self::DeviceRevoked => "device_revoked",
             Self::KeyMismatch { .. } => "key_mismatch",
             Self::InvalidCertificate(_) => "invalid_certificate",
+            Self::Transparency(_) => "transparency",
             Self::Unreachable { .. } => "unreachable",
             Self::BadResponse(_) => "bad_response",
             Self::TooManyConflicts(_) => "too_many_conflicts",

@@ -16,6 +16,7 @@ pub mod client;
 pub mod engine;
 pub mod error;
 pub mod identity;
+pub mod kt;
 pub mod link;
 pub mod payload;
 pub mod safety;

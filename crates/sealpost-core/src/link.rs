@@ -47,6 +47,11 @@ pub struct LinkResponse {
     pub username: String,
     pub account_secret: Vec<u8>,
     pub certificate: Vec<u8>,
+    /// The key-directory keys the existing device pinned, so the new one trusts the same.
+    #[serde(default)]
+    pub kt_signing_key: Vec<u8>,
+    #[serde(default)]
+    pub kt_vrf_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for LinkResponse {
@@ -301,6 +306,8 @@ mod tests {
             username: "alice".into(),
             account_secret: vec![1; 32],
             certificate: vec![2; 10],
+            kt_signing_key: vec![3; 32],
+            kt_vrf_key: vec![4; 32],
         };
         let sealed = same.seal_response(&response).unwrap();
         assert_eq!(code.open_response(&sealed).unwrap(), response);

@@ -126,6 +126,15 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE contacts ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE contacts ADD COLUMN pending_key BLOB;
      ALTER TABLE contacts ADD COLUMN checked_at INTEGER NOT NULL DEFAULT 0;",
+    // 3: key transparency.
+    "CREATE TABLE kt_roots (epoch INTEGER PRIMARY KEY NOT NULL, root_hash BLOB NOT NULL);
+     CREATE TABLE kt_gossip_pending (
+         epoch INTEGER NOT NULL, root_hash BLOB NOT NULL, sender TEXT NOT NULL,
+         PRIMARY KEY (epoch, root_hash));
+     CREATE TABLE kt_alerts (key TEXT PRIMARY KEY NOT NULL, raised_at INTEGER NOT NULL);
+     CREATE TABLE contact_devices (
+         username TEXT NOT NULL, device_id TEXT NOT NULL, certificate BLOB NOT NULL,
+         PRIMARY KEY (username, device_id));",
 ];
 
 fn migrate(connection: &mut Connection) -> Result<(), CoreError> {

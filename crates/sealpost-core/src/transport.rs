@@ -18,6 +18,9 @@ use sealpost_proto::api::{
     RenameDeviceRequest, SequencedResponse, UploadKeyPackagesRequest, UserDevicesResponse,
     WhoAmIResponse,
 };
+use sealpost_proto::kt::{
+    AuditResponse, HistoryResponse, KtKeysResponse, LookupEnvelope, RootsResponse, SignedRoot,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
@@ -356,6 +359,56 @@ impl Transport {
             Method::POST,
             &format!("/v1/links/{link_id}/result"),
             Some(request),
+            false,
+        )
+        .await
+    }
+
+    pub async fn kt_keys(&self) -> Result<KtKeysResponse, CoreError> {
+        self.call::<(), _>(Method::GET, "/v1/kt/keys", None, false)
+            .await
+    }
+
+    pub async fn kt_root(&self) -> Result<SignedRoot, CoreError> {
+        self.call::<(), _>(Method::GET, "/v1/kt/root", None, false)
+            .await
+    }
+
+    pub async fn kt_roots(&self, from: u64, to: u64) -> Result<RootsResponse, CoreError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/kt/roots?from={from}&to={to}"),
+            None,
+            false,
+        )
+        .await
+    }
+
+    pub async fn kt_lookup(&self, username: &str) -> Result<LookupEnvelope, CoreError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/kt/lookup/{username}"),
+            None,
+            false,
+        )
+        .await
+    }
+
+    pub async fn kt_history(&self, username: &str) -> Result<HistoryResponse, CoreError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/kt/history/{username}"),
+            None,
+            false,
+        )
+        .await
+    }
+
+    pub async fn kt_audit(&self, from: u64, to: u64) -> Result<AuditResponse, CoreError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/kt/audit?from={from}&to={to}"),
+            None,
             false,
         )
         .await

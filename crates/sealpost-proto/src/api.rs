@@ -196,6 +196,9 @@ pub struct UserDevicesResponse {
     pub username: String,
     pub account_key: Bytes64,
     pub devices: Vec<DeviceInfo>,
+    /// Proof that this account key and these certificates are what the key directory
+    /// holds for the username.
+    pub kt: crate::kt::LookupEnvelope,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -53,6 +53,8 @@ pub enum ErrorCode {
     LinkProofInvalid,
     /// A device-link session is not ready for this step yet; retry shortly.
     LinkPending,
+    /// The key directory has not published this account yet; retry in a few seconds.
+    KtPending,
     /// A device of the user has no KeyPackage left.
     NoKeyPackages,
     /// An account or device limit has been reached.
@@ -92,6 +94,7 @@ impl ErrorCode {
             | Self::GroupExists
             | Self::EpochConflict
             | Self::LinkPending
+            | Self::KtPending
             | Self::DuplicateMessageId => 409,
             Self::PayloadTooLarge => 413,
             Self::LimitExceeded => 422,
@@ -124,6 +127,7 @@ impl ErrorCode {
             Self::LinkInvalid => "link_invalid",
             Self::LinkProofInvalid => "link_proof_invalid",
             Self::LinkPending => "link_pending",
+            Self::KtPending => "kt_pending",
             Self::NoKeyPackages => "no_key_packages",
             Self::LimitExceeded => "limit_exceeded",
             Self::RateLimited => "rate_limited",
@@ -195,6 +199,7 @@ mod tests {
             ErrorCode::LinkInvalid,
             ErrorCode::LinkProofInvalid,
             ErrorCode::LinkPending,
+            ErrorCode::KtPending,
             ErrorCode::NoKeyPackages,
             ErrorCode::LimitExceeded,
             ErrorCode::RateLimited,

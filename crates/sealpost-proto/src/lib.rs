@@ -10,6 +10,7 @@ pub mod api;
 pub mod bytes;
 pub mod certificate;
 pub mod error;
+pub mod kt;
 pub mod limits;
 pub mod names;
 

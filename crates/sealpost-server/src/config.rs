@@ -19,6 +19,8 @@ pub struct Config {
     pub expiry_interval: Duration,
     /// How long a device-link session lives.
     pub link_ttl: Duration,
+    /// How often the key directory publishes a new epoch when there are changes.
+    pub kt_interval: Duration,
 }
 
 impl Config {
@@ -32,6 +34,7 @@ impl Config {
             challenge_ttl: Duration::from_secs(60),
             expiry_interval: Duration::from_secs(60),
             link_ttl: Duration::from_secs(sealpost_proto::limits::LINK_TTL_SECS),
+            kt_interval: Duration::from_secs(5),
         }
     }
 

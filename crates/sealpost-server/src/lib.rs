@@ -13,6 +13,7 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod kt;
 pub mod mls;
 pub mod notify;
 pub mod store;
@@ -38,6 +39,8 @@ pub enum ServerError {
     },
     #[error("cannot open the database: {0}")]
     Store(#[from] store::StoreError),
+    #[error("cannot open the key directory: {0}")]
+    Kt(#[from] kt::KtError),
     #[error("server I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -54,15 +57,20 @@ pub async fn serve(
         source,
     })?;
     let store = Arc::new(SqliteStore::open(&config.database_path()).await?);
+    let kt = Arc::new(
+        kt::KeyTransparency::open(&config.data_dir, store.clone(), store.akd_storage()).await?,
+    );
     let cancel = CancellationToken::new();
     let state = api::AppState {
         store: store.clone(),
+        kt,
         notifier: notify::Notifier::default(),
         config: Arc::new(config),
         shutdown: cancel.clone(),
     };
 
     let expiry = tokio::spawn(run_expiry(state.clone()));
+    let publisher = tokio::spawn(run_kt_publisher(state.clone()));
     let app = api::router(state);
     let stop = cancel.clone();
     tracing::info!(addr = %listener.local_addr()?, "listening");
@@ -77,6 +85,7 @@ pub async fn serve(
         .await?;
     cancel.cancel();
     let _ = expiry.await;
+    let _ = publisher.await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -91,6 +100,23 @@ async fn run_expiry(state: api::AppState) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(expired = n, "expired undelivered messages"),
                     Err(err) => tracing::warn!(error = %err, "expiry failed"),
+                }
+            }
+            () = state.shutdown.cancelled() => break,
+        }
+    }
+}
+
+/// Publishes a key-directory epoch whenever accounts or devices changed, at most once per
+/// `kt_interval`.
+async fn run_kt_publisher(state: api::AppState) {
+    let mut interval = tokio::time::interval(state.config.kt_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {
+                if let Err(err) = state.kt.publish_pending().await {
+                    tracing::warn!(error = %err, "key directory publish failed");
                 }
             }
             () = state.shutdown.cancelled() => break,

@@ -21,7 +21,15 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server on `127.0.0.1:0` with its data in `data_dir`.
     pub async fn start(data_dir: &Path) -> Self {
-        Self::start_with(Config::new(data_dir)).await
+        Self::start_with(Self::config(data_dir)).await
+    }
+
+    /// The configuration of a test server: the key directory publishes every 20 ms so
+    /// that tests need not wait for epochs.
+    pub fn config(data_dir: &Path) -> Config {
+        let mut config = Config::new(data_dir);
+        config.kt_interval = std::time::Duration::from_millis(20);
+        config
     }
 
     pub async fn start_with(config: Config) -> Self {
@@ -34,7 +42,7 @@ impl TestServer {
     /// Stops the server cleanly and starts it again on the same address and data.
     pub async fn restart(mut self) -> Self {
         let addr = self.addr;
-        let config = Config::new(self.data_dir.clone());
+        let config = Self::config(&self.data_dir);
         self.shutdown().await;
         let listener = TcpListener::bind(addr).await.expect("rebind the same port");
         Self::start_on(config, listener)

@@ -47,7 +47,7 @@ impl Env {
     pub async fn with_config(change: impl FnOnce(&mut sealpost_server::Config)) -> Self {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
-        let mut config = sealpost_server::Config::new(dir.path().join("server"));
+        let mut config = TestServer::config(&dir.path().join("server"));
         change(&mut config);
         let server = TestServer::start_with(config).await;
         Self { dir, server }

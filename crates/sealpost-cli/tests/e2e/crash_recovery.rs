@@ -40,6 +40,9 @@ async fn killed_client_recovers_every_operation_exactly_once() {
     // 1. Killed after staging a commit, before sending it.
     {
         let (mut engine, transport) = raw_device(&env, "alice");
+        // As the client does: learn carol's proven devices, then claim.
+        let carol_entry = transport.user_devices("carol").await.unwrap();
+        engine.observe_directory(&carol_entry, now()).unwrap();
         let claimed = transport.claim_key_packages("carol").await.unwrap();
         engine.begin_add(&group, &[claimed], now()).unwrap();
     }

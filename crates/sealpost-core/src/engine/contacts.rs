@@ -17,10 +17,13 @@ use uuid::Uuid;
 
 use super::Engine;
 use super::conversations::{insert_notice, load_group, member_devices};
+use super::transparency::{kt_keys, observe_root, save_contact_devices};
 use crate::error::CoreError;
 use crate::identity::verify_certificate;
+use crate::kt::verify_lookup;
 use crate::safety;
 use crate::store::Provider;
+use sealpost_proto::kt::DirectoryEntry;
 
 /// What the engine knows about a contact's key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -198,11 +201,34 @@ impl Engine {
     ) -> Result<Vec<DirectoryDevice>, CoreError> {
         self.transact(|provider, tx, identity| {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
+            // The answer must be exactly what the key directory proves for this name.
+            let keys = kt_keys(tx)?;
+            let entry = verify_lookup(&keys, &response.username, &response.kt)?;
+            observe_root(tx, &response.kt.root, now)?;
+            let listed =
+                DirectoryEntry::new(
+                    response.account_key.as_ref().try_into().map_err(|_| {
+                        CoreError::BadResponse("an account key is not 32 bytes".into())
+                    })?,
+                    response
+                        .devices
+                        .iter()
+                        .map(|d| (d.device_id, d.certificate.as_ref().to_vec()))
+                        .collect(),
+                );
+            if entry.is_deleted() || listed != entry {
+                return Err(CoreError::Transparency(format!(
+                    "the server's keys for {} are not the ones the key directory holds; refusing \
+                     to use them",
+                    response.username
+                )));
+            }
             let own = response.username == identity.username;
-            if own && response.account_key.as_ref() != identity.account_key() {
+            if own && entry.account_key != identity.account_key() {
                 return Err(CoreError::KeyMismatch {
                     user: response.username.clone(),
-                    detail: "the server lists another account key for your own account".into(),
+                    detail: "the key directory lists another account key for your own account"
+                        .into(),
                 });
             }
             observe_account_key(
@@ -210,7 +236,7 @@ impl Engine {
                 tx,
                 &identity.username,
                 &response.username,
-                response.account_key.as_ref(),
+                &entry.account_key,
                 now,
             )?;
             if own {
@@ -227,7 +253,7 @@ impl Engine {
                     .map_err(|e| CoreError::InvalidCertificate(e.to_string()))?;
                 verify_certificate(&cert)?;
                 if cert.username != response.username
-                    || cert.account_key.as_slice() != response.account_key.as_ref()
+                    || cert.account_key != entry.account_key
                     || cert.device_id != device.device_id
                 {
                     return Err(CoreError::InvalidCertificate(format!(
@@ -250,7 +276,35 @@ impl Engine {
                     created: device.created.clone(),
                 });
             }
+            save_contact_devices(tx, &response.username, &entry)?;
             Ok(devices)
+        })
+    }
+
+    /// Checks the directory's proof that `username`'s account was deleted; afterwards the
+    /// account has no devices.
+    pub fn observe_deleted(
+        &mut self,
+        username: &str,
+        envelope: &sealpost_proto::kt::LookupEnvelope,
+        now: i64,
+    ) -> Result<(), CoreError> {
+        self.transact(|_, tx, _| {
+            let keys = kt_keys(tx)?;
+            let entry = verify_lookup(&keys, username, envelope)?;
+            observe_root(tx, &envelope.root, now)?;
+            if !entry.is_deleted() {
+                return Err(CoreError::Transparency(format!(
+                    "the server says {username} does not exist, but the key directory lists the \
+                     account"
+                )));
+            }
+            save_contact_devices(tx, username, &entry)?;
+            tx.execute(
+                "UPDATE contacts SET checked_at = ? WHERE username = ?",
+                params![now, username],
+            )?;
+            Ok(())
         })
     }
 

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::contacts::{blocked_members, key_change_error, observe_account_key};
+use super::transparency::{current_gossip, is_proven_device};
 use super::{
     CIPHERSUITE, Engine, Identity, MAX_FORWARD_DISTANCE, MAX_PAST_EPOCHS, OUT_OF_ORDER_TOLERANCE,
     capabilities, tls_bytes, to_json,
@@ -189,6 +190,13 @@ fn verify_claimed(
         }
         let leaf = package.leaf_node();
         let cert = verify_member(leaf.credential(), leaf.signature_key().as_slice())?;
+        // Only devices the key directory proves for this account are ever added.
+        if !is_proven_device(tx, &claimed.username, cert.device_id, &cert.encode())? {
+            return Err(CoreError::Transparency(format!(
+                "device {} of {} is not in the key directory; refusing to encrypt to it",
+                cert.device_id, claimed.username
+            )));
+        }
         if cert.username != claimed.username
             || cert.device_id != entry.device_id
             || cert.account_key.as_slice() != claimed.account_key.as_ref()
@@ -699,6 +707,10 @@ impl Engine {
             }
             let id = message_id.unwrap_or_else(Uuid::new_v4);
             let payload = AppMessage::text(id, now_ms, text.to_owned()).encode()?;
+            // Gossip our newest directory root to the other members.
+            if let Some(gossip) = current_gossip(tx)? {
+                group.set_aad(gossip.encode()?);
+            }
             let ciphertext = group
                 .create_message(provider, &identity.signer, &payload)
                 .map_err(CoreError::mls)?;

@@ -18,9 +18,11 @@ use sealpost_proto::api::{Envelope, EnvelopeKind};
 use super::contacts::observe_account_key;
 use super::conversations::{insert_notice, load_group, member_devices};
 use super::queries::{HistoryEntry, history_entry};
+use super::transparency::observe_gossip;
 use super::{Engine, Identity, join_config};
 use crate::error::CoreError;
 use crate::identity::{certificate_of, verify_member};
+use crate::kt::Gossip;
 use crate::payload::{AppMessage, Body, CONVERSATION_INFO_EXTENSION, ConversationInfo};
 use crate::store::Provider;
 
@@ -239,6 +241,7 @@ fn process_in_group(
     let processed = group
         .process_message(provider, protocol)
         .map_err(CoreError::mls)?;
+    let aad = processed.aad().to_vec();
     let sender_cert = certificate_of(processed.credential());
     let sender_name = sender_cert
         .as_ref()
@@ -246,6 +249,9 @@ fn process_in_group(
         .unwrap_or_else(|| "someone".into());
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(message) => {
+            if let Some(gossip) = Gossip::decode(&aad) {
+                observe_gossip(tx, &sender_name, &gossip, now)?;
+            }
             let message = AppMessage::decode(&message.into_bytes())?;
             let text = match message.body {
                 Body::Text { text } => text,

@@ -15,6 +15,7 @@ pub mod contacts;
 pub mod conversations;
 pub mod inbound;
 pub mod queries;
+pub mod transparency;
 
 use std::path::Path;
 
@@ -273,9 +274,16 @@ impl Engine {
                 "the certificate from the other device is not for this device".into(),
             ));
         }
+        if response.kt_signing_key.len() != 32 || response.kt_vrf_key.is_empty() {
+            return Err(CoreError::Transparency(
+                "the other device sent no key-directory keys to pin".into(),
+            ));
+        }
         self.transact(|_, tx, _| {
             store::meta_set(tx, "account_secret", account.secret().as_slice())?;
             store::meta_set(tx, "certificate", &response.certificate)?;
+            store::meta_set(tx, "kt_signing_key", &response.kt_signing_key)?;
+            store::meta_set(tx, "kt_vrf_key", &response.kt_vrf_key)?;
             store::meta_set(tx, "username", response.username.as_bytes())?;
             Ok(())
         })?;
@@ -300,10 +308,13 @@ impl Engine {
             .account
             .certify(&identity.username, request.device_id, device_key)
             .encode();
+        let kt = self.kt_keys()?;
         let response = crate::link::LinkResponse {
             username: identity.username.clone(),
             account_secret: identity.account.secret().to_vec(),
             certificate: certificate.clone(),
+            kt_signing_key: kt.signing_key.to_vec(),
+            kt_vrf_key: kt.vrf_public_key,
         };
         Ok((certificate, response))
     }

@@ -194,20 +194,31 @@ pub async fn user_devices(
     _auth: AuthDevice,
     Path(username): Path<String>,
 ) -> Result<Json<UserDevicesResponse>, ApiError> {
-    let account = existing_account(&state, &username).await?;
-    let devices = state.store.devices_of(&username).await?;
+    existing_account(&state, &username).await?;
+    // Answer with exactly what the directory published, and its proof: devices added
+    // since the last epoch appear once they are published.
+    let (kt, entry) = state.kt.lookup(&username).await?;
+    let stored = state.store.devices_of(&username).await?;
+    let devices = entry
+        .devices
+        .into_iter()
+        .map(|(device_id, certificate)| {
+            let record = stored.iter().find(|d| d.device_id == device_id);
+            DeviceInfo {
+                device_id,
+                certificate: Bytes64(certificate),
+                created: record
+                    .map(|d| clock::format_day(d.created_day))
+                    .unwrap_or_default(),
+                name_sealed: record.and_then(|d| d.name_sealed.clone()).map(Bytes64),
+            }
+        })
+        .collect();
     Ok(Json(UserDevicesResponse {
+        kt,
         username,
-        account_key: Bytes64(account.account_key),
-        devices: devices
-            .into_iter()
-            .map(|device| DeviceInfo {
-                device_id: device.device_id,
-                certificate: Bytes64(device.certificate),
-                created: clock::format_day(device.created_day),
-                name_sealed: device.name_sealed.map(Bytes64),
-            })
-            .collect(),
+        account_key: Bytes64(entry.account_key.to_vec()),
+        devices,
     }))
 }
 

@@ -8,6 +8,7 @@ mod accounts;
 mod devices;
 mod groups;
 mod keypackages;
+mod kt;
 mod links;
 mod mailbox;
 mod ws;
@@ -34,6 +35,7 @@ use crate::store::{DeviceRecord, Store};
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    pub kt: Arc<crate::kt::KeyTransparency>,
     pub notifier: Notifier,
     pub config: Arc<Config>,
     pub shutdown: CancellationToken,
@@ -141,6 +143,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/mailbox", get(mailbox::fetch))
         .route("/v1/mailbox/ack", post(mailbox::ack).layer(small))
         .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/kt/keys", get(kt::keys))
+        .route("/v1/kt/root", get(kt::root))
+        .route("/v1/kt/roots", get(kt::roots))
+        .route("/v1/kt/lookup/{username}", get(kt::lookup))
+        .route("/v1/kt/history/{username}", get(kt::history))
+        .route("/v1/kt/audit", get(kt::audit))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Log the route template, never the concrete URI (usernames) or the peer address.

@@ -11,6 +11,7 @@
 //! independent of the database so that a PostgreSQL backend can follow and be checked by
 //! the same conformance tests.
 
+pub mod akd_sqlite;
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod sqlite;
@@ -238,6 +239,30 @@ pub trait Store: Send + Sync + 'static {
         &self,
         username: &str,
     ) -> Result<Vec<(DeviceRecord, Vec<u8>)>, StoreError>;
+
+    /// Usernames whose directory entry changed since the last epoch, with a sequence
+    /// number (a later change gets a higher one).
+    async fn kt_pending(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// The directory entry of a username as the database holds it now (the deleted entry
+    /// when there is no such account).
+    async fn kt_entry(
+        &self,
+        username: &str,
+    ) -> Result<sealpost_proto::kt::DirectoryEntry, StoreError>;
+    /// Records a published epoch: clears the published pending marks (unless changed
+    /// again since), marks the usernames published and stores the root hash.
+    async fn kt_mark_published(
+        &self,
+        published: &[(String, i64)],
+        epoch: u64,
+        root_hash: &[u8],
+        now: i64,
+    ) -> Result<(), StoreError>;
+    async fn kt_is_published(&self, username: &str) -> Result<bool, StoreError>;
+    async fn kt_save_root(&self, epoch: u64, root_hash: &[u8], now: i64) -> Result<(), StoreError>;
+    async fn kt_root_hash(&self, epoch: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stored root hashes of epochs in `from..=to`, in order.
+    async fn kt_root_hashes(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 
     /// Takes one KeyPackage of one device (one-time first, else last resort).
     async fn claim_device_key_package(

@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sealpost_proto::Bytes64;
 use sealpost_proto::api::{Envelope, EnvelopeKind, SequencedResponse};
+use sealpost_proto::kt::DirectoryEntry;
 use sha2::{Digest as _, Sha256};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -56,6 +57,11 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await?;
         Ok(Self { writer, reader })
+    }
+
+    /// The akd storage on the same database.
+    pub fn akd_storage(&self) -> super::akd_sqlite::AkdSqliteStorage {
+        super::akd_sqlite::AkdSqliteStorage::new(self.writer.clone(), self.reader.clone())
     }
 
     /// Closes both pools, checkpointing the WAL.
@@ -152,14 +158,36 @@ async fn insert_device(
     .execute(&mut *conn)
     .await;
     match inserted {
-        Err(err) if is_unique_violation(&err) => Err(StoreError::DeviceExists),
-        other => other.map(|_| ()).map_err(StoreError::from),
-    }
+        Err(err) if is_unique_violation(&err) => return Err(StoreError::DeviceExists),
+        other => other?,
+    };
+    mark_kt_pending(conn, &device.username).await
+}
+
+/// Marks a username's directory entry as changed, for the next key-transparency epoch.
+async fn mark_kt_pending(conn: &mut SqliteConnection, username: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO kt_pending (username, seq) \
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM kt_pending)) \
+         ON CONFLICT(username) DO UPDATE SET seq = excluded.seq",
+    )
+    .bind(username)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Deletes a device and what hangs off it.
 async fn delete_device(conn: &mut SqliteConnection, device_id: Uuid) -> Result<(), StoreError> {
     let id = device_id.as_bytes().as_slice();
+    let owner: Option<String> =
+        sqlx::query_scalar("SELECT username FROM devices WHERE device_id = ?")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some(owner) = owner {
+        mark_kt_pending(conn, &owner).await?;
+    }
     for statement in [
         "DELETE FROM tokens WHERE device_id = ?",
         "DELETE FROM login_challenges WHERE device_id = ?",
@@ -351,6 +379,7 @@ impl Store for SqliteStore {
             .bind(username)
             .execute(&mut *tx)
             .await?;
+        mark_kt_pending(&mut tx, username).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -454,6 +483,124 @@ impl Store for SqliteStore {
         .fetch_optional(&self.writer)
         .await?;
         Ok(response.flatten())
+    }
+
+    async fn kt_pending(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT username, seq FROM kt_pending ORDER BY seq")
+            .fetch_all(&self.writer)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("username")?, row.try_get("seq")?)))
+            .collect()
+    }
+
+    async fn kt_entry(&self, username: &str) -> Result<DirectoryEntry, StoreError> {
+        let mut conn = self.writer.acquire().await?;
+        let key: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT account_key FROM accounts WHERE username = ?")
+                .bind(username)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let Some(key) = key else {
+            return Ok(DirectoryEntry::deleted());
+        };
+        let account_key: [u8; 32] = key
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Invalid("stored account key is not 32 bytes"))?;
+        let rows = sqlx::query(DEVICES_OF_USER)
+            .bind(username)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut devices = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let device = device_from_row(row)?;
+            devices.push((device.device_id, device.certificate));
+        }
+        Ok(DirectoryEntry::new(account_key, devices))
+    }
+
+    async fn kt_mark_published(
+        &self,
+        published: &[(String, i64)],
+        epoch: u64,
+        root_hash: &[u8],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        for (username, seq) in published {
+            sqlx::query("DELETE FROM kt_pending WHERE username = ? AND seq <= ?")
+                .bind(username)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO kt_published (username, epoch) VALUES (?, ?) \
+                 ON CONFLICT(username) DO UPDATE SET epoch = excluded.epoch",
+            )
+            .bind(username)
+            .bind(epoch as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT OR REPLACE INTO kt_roots (epoch, root_hash, published_at) VALUES (?, ?, ?)",
+        )
+        .bind(epoch as i64)
+        .bind(root_hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn kt_is_published(&self, username: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT epoch FROM kt_published WHERE username = ?")
+                .bind(username)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn kt_save_root(&self, epoch: u64, root_hash: &[u8], now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO kt_roots (epoch, root_hash, published_at) VALUES (?, ?, ?)",
+        )
+        .bind(epoch as i64)
+        .bind(root_hash)
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn kt_root_hash(&self, epoch: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT root_hash FROM kt_roots WHERE epoch = ?")
+                .bind(epoch as i64)
+                .fetch_optional(&self.writer)
+                .await?,
+        )
+    }
+
+    async fn kt_root_hashes(&self, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT epoch, root_hash FROM kt_roots WHERE epoch >= ? AND epoch <= ? ORDER BY epoch",
+        )
+        .bind(from.min(i64::MAX as u64) as i64)
+        .bind(to.min(i64::MAX as u64) as i64)
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64, _>("epoch")? as u64,
+                    row.try_get("root_hash")?,
+                ))
+            })
+            .collect()
     }
 
     async fn claim_device_key_package(

@@ -1,0 +1,91 @@
+//! Key-transparency endpoints: the KT keys, signed roots, lookup and history proofs, and
+//! append-only proofs between epochs. They need no login: anyone may audit the directory.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use sealpost_proto::ErrorCode;
+use sealpost_proto::kt::{
+    AuditResponse, EpochRange, HistoryResponse, KtKeysResponse, LookupEnvelope, RootsResponse,
+    SignedRoot,
+};
+use sealpost_proto::names::validate_username;
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::kt::KtError;
+
+/// Most roots in one answer.
+const MAX_ROOTS: u64 = 1_000;
+/// Most epochs one append-only proof may span.
+const MAX_AUDIT_SPAN: u64 = 100;
+
+impl From<KtError> for ApiError {
+    fn from(err: KtError) -> Self {
+        match err {
+            KtError::NotPublished => ApiError::new(
+                ErrorCode::KtPending,
+                "the key directory has not published this account yet; retry in a few seconds",
+            ),
+            KtError::UnknownEpoch => ApiError::new(ErrorCode::NotFound, "no such epoch range"),
+            KtError::Store(err) => err.into(),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+fn check_username(username: &str) -> Result<(), ApiError> {
+    validate_username(username)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))
+}
+
+pub async fn keys(State(state): State<AppState>) -> Json<KtKeysResponse> {
+    Json(state.kt.keys())
+}
+
+pub async fn root(State(state): State<AppState>) -> Result<Json<SignedRoot>, ApiError> {
+    Ok(Json(state.kt.root().await?))
+}
+
+pub async fn roots(
+    State(state): State<AppState>,
+    query: Result<Query<EpochRange>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<RootsResponse>, ApiError> {
+    let Query(range) = query?;
+    if range.to < range.from || range.to - range.from >= MAX_ROOTS {
+        return Err(ApiError::bad_request(format!(
+            "ask for 1 to {MAX_ROOTS} epochs, from <= to"
+        )));
+    }
+    Ok(Json(RootsResponse {
+        roots: state.kt.roots(range.from, range.to).await?,
+    }))
+}
+
+pub async fn lookup(
+    State(state): State<AppState>,
+    Path(username): Path<String>,
+) -> Result<Json<LookupEnvelope>, ApiError> {
+    check_username(&username)?;
+    Ok(Json(state.kt.lookup(&username).await?.0))
+}
+
+pub async fn history(
+    State(state): State<AppState>,
+    Path(username): Path<String>,
+) -> Result<Json<HistoryResponse>, ApiError> {
+    check_username(&username)?;
+    Ok(Json(state.kt.history(&username).await?))
+}
+
+pub async fn audit(
+    State(state): State<AppState>,
+    query: Result<Query<EpochRange>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AuditResponse>, ApiError> {
+    let Query(range) = query?;
+    if range.to <= range.from || range.to - range.from > MAX_AUDIT_SPAN {
+        return Err(ApiError::bad_request(format!(
+            "an audit spans 1 to {MAX_AUDIT_SPAN} epochs, from < to"
+        )));
+    }
+    Ok(Json(state.kt.audit(range.from, range.to).await?))
+}
