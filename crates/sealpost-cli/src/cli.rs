@@ -32,6 +32,19 @@ pub enum Command {
         /// A name for this device (shown in `sealpost devices`).
         #[arg(long)]
         name: Option<String>,
+        /// The server's key-directory signing key (hex), obtained out of band; without it
+        /// the key the server presents now is pinned.
+        #[arg(long)]
+        kt_key: Option<String>,
+    },
+    /// Verify that the key directory only ever grew (append-only proofs between epochs).
+    Audit {
+        /// First epoch (default 0).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Last epoch (default: the current one).
+        #[arg(long)]
+        to: Option<u64>,
     },
     /// Show this device's account.
     Whoami,

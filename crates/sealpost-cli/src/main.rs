@@ -88,8 +88,11 @@ async fn run(args: Args, out: &Output) -> anyhow::Result<()> {
             server,
             key_packages,
             name,
+            kt_key,
         } => {
-            let client = Client::register(&home, &username, &server, key_packages).await?;
+            let client =
+                Client::register_pinned(&home, &username, &server, key_packages, kt_key.as_deref())
+                    .await?;
             let me = client.whoami()?;
             let device_id = me.device_id.parse().context("device id")?;
             client
@@ -106,6 +109,29 @@ async fn run(args: Args, out: &Output) -> anyhow::Result<()> {
             let name = name.unwrap_or_else(default_device_name);
             let client = Client::link(&home, &code, &server, &name, key_packages).await?;
             out.whoami(&client.whoami()?, "linked");
+        }
+        Command::Audit { from, to } => {
+            let client = open(&home)?;
+            let bar = out.progress_bar();
+            let summary = client
+                .audit(from, to, |done, total| {
+                    if let Some(bar) = &bar {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    }
+                })
+                .await;
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            let summary = summary?;
+            out.done(
+                &format!(
+                    "the key directory is append-only from epoch {} to {} ({} epochs verified)",
+                    summary.from, summary.to, summary.epochs
+                ),
+                &summary,
+            );
         }
         Command::Devices => out.devices(&open(&home)?.devices().await?),
         Command::Device(command) => {

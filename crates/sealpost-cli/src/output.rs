@@ -173,6 +173,21 @@ impl Output {
         }
     }
 
+    /// A progress bar on stderr when it is a terminal and output is text.
+    pub fn progress_bar(&self) -> Option<indicatif::ProgressBar> {
+        if self.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} epochs ({eta})")
+        {
+            bar.set_style(style);
+        }
+        bar.set_message("auditing");
+        Some(bar)
+    }
+
     pub fn link_code(&self, code: &str) {
         if self.json {
             self.json_line(&serde_json::json!({"link_code": code, "expires_in_secs": 600}));

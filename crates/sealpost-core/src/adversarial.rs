@@ -51,6 +51,36 @@ pub fn forged_key_package(
     Ok((bytes, cert))
 }
 
+/// A device for `victim` under a brand-new account key the attacker holds: everything
+/// about it is valid except that the account key is not the victim's. Returns the
+/// attacker's account public key, the certificate and a KeyPackage.
+pub fn impostor_device(victim: &str) -> Result<([u8; 32], DeviceCertificate, Vec<u8>), CoreError> {
+    let conn = crate::store::open_in_memory()?;
+    let crypto = RustCrypto::default();
+    let provider = Provider::new(&crypto, &conn);
+    let signer =
+        SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(CoreError::mls)?;
+    let device_key: [u8; 32] = signer
+        .public()
+        .try_into()
+        .map_err(|_| CoreError::Mls("not an Ed25519 key".into()))?;
+    let attacker = AccountKey::generate();
+    let cert = attacker.certify(victim, Uuid::new_v4(), device_key);
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(cert.encode()).into(),
+        signature_key: device_key.to_vec().into(),
+    };
+    let bundle = KeyPackage::builder()
+        .leaf_node_capabilities(capabilities())
+        .mark_as_last_resort()
+        .build(CIPHERSUITE, &provider, &signer, credential)
+        .map_err(CoreError::mls)?;
+    let bytes = MlsMessageOut::from(bundle.key_package().clone())
+        .tls_serialize_detached()
+        .map_err(CoreError::mls)?;
+    Ok((attacker.public(), cert, bytes))
+}
+
 impl Engine {
     /// A malicious member: commits an add of KeyPackages without checking their
     /// certificates.

@@ -1002,6 +1002,11 @@ impl Client {
         self.engine()?.members(&conversation.group_id)
     }
 
+    /// Security alerts raised on this device (oldest first).
+    pub fn alerts(&self) -> Result<Vec<HistoryEntry>, CoreError> {
+        self.engine()?.alerts()
+    }
+
     /// The local MLS state of a conversation (no network).
     pub fn group_snapshot(
         &self,

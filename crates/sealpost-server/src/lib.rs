@@ -9,6 +9,8 @@
 //! Embed it with [`serve`], which runs on a listener you bind, until a shutdown future
 //! resolves; `sealpost-server` (the binary) is a thin wrapper around it.
 
+#[cfg(feature = "adversarial")]
+pub mod adversary;
 pub mod api;
 pub mod clock;
 pub mod config;
@@ -45,13 +47,9 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the server on `listener` until `shutdown` resolves, then finishes in-flight
-/// requests, closes WebSockets and closes the database cleanly.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServerError> {
+/// Opens the data directory, the database and the key directory: everything a server
+/// instance shares between its handlers.
+pub async fn open_state(config: Config) -> Result<api::AppState, ServerError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -60,15 +58,37 @@ pub async fn serve(
     let kt = Arc::new(
         kt::KeyTransparency::open(&config.data_dir, store.clone(), store.akd_storage()).await?,
     );
-    let cancel = CancellationToken::new();
-    let state = api::AppState {
-        store: store.clone(),
+    Ok(api::AppState {
+        sqlite: store.clone(),
+        store,
         kt,
         notifier: notify::Notifier::default(),
         config: Arc::new(config),
-        shutdown: cancel.clone(),
-    };
+        shutdown: CancellationToken::new(),
+        #[cfg(feature = "adversarial")]
+        tamper: Default::default(),
+    })
+}
 
+/// Runs the server on `listener` until `shutdown` resolves, then finishes in-flight
+/// requests, closes WebSockets and closes the database cleanly.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let state = open_state(config).await?;
+    run(state, listener, shutdown).await
+}
+
+/// Runs an opened server state on `listener` until `shutdown` resolves.
+pub async fn run(
+    state: api::AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let cancel = state.shutdown.clone();
+    let sqlite = state.sqlite.clone();
     let expiry = tokio::spawn(run_expiry(state.clone()));
     let publisher = tokio::spawn(run_kt_publisher(state.clone()));
     let app = api::router(state);
@@ -86,7 +106,7 @@ pub async fn serve(
     cancel.cancel();
     let _ = expiry.await;
     let _ = publisher.await;
-    store.close().await;
+    sqlite.close().await;
     tracing::info!("stopped");
     Ok(())
 }

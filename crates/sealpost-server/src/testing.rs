@@ -9,11 +9,13 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::{Config, ServerError, serve};
+use crate::api::AppState;
+use crate::{Config, ServerError, open_state, run};
 
 pub struct TestServer {
     pub addr: SocketAddr,
     data_dir: PathBuf,
+    state: AppState,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -36,7 +38,7 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
-        Self::start_on(config, listener)
+        Self::start_on_listener(config, listener).await
     }
 
     /// Stops the server cleanly and starts it again on the same address and data.
@@ -45,22 +47,30 @@ impl TestServer {
         let config = Self::config(&self.data_dir);
         self.shutdown().await;
         let listener = TcpListener::bind(addr).await.expect("rebind the same port");
-        Self::start_on(config, listener)
+        Self::start_on_listener(config, listener).await
     }
 
-    fn start_on(config: Config, listener: TcpListener) -> Self {
+    async fn start_on_listener(config: Config, listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let data_dir = config.data_dir.clone();
-        let task = tokio::spawn(serve(config, listener, async move {
+        let state = open_state(config).await.expect("open server state");
+        let task = tokio::spawn(run(state.clone(), listener, async move {
             let _ = stopped.await;
         }));
         Self {
             addr,
             data_dir,
+            state,
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// The running server's state (store, key directory, and with the `adversarial`
+    /// feature, its lies).
+    pub fn state(&self) -> &AppState {
+        &self.state
     }
 
     pub fn url(&self) -> String {

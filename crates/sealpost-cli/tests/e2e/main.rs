@@ -11,6 +11,7 @@ mod crash_recovery;
 mod devices;
 mod follow;
 mod hostile_input;
+mod malicious_server;
 mod offline;
 mod property;
 mod safety;

@@ -22,7 +22,7 @@ use sealpost_proto::{Bytes64, limits};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::contacts::{blocked_members, key_change_error, observe_account_key};
+use super::contacts::{blocked_members, key_change_error};
 use super::transparency::{current_gossip, is_proven_device};
 use super::{
     CIPHERSUITE, Engine, Identity, MAX_FORWARD_DISTANCE, MAX_PAST_EPOCHS, OUT_OF_ORDER_TOLERANCE,
@@ -143,31 +143,20 @@ pub(crate) fn member_devices(group: &MlsGroup) -> Vec<MemberDevice> {
 }
 
 /// Validates claimed KeyPackages: each must parse and verify, use our ciphersuite, and
-/// carry the certificate the server listed for that device, signed by the user's account
-/// key (which is pinned).
+/// carry exactly the certificate the key directory proves for that device. The claim's
+/// own account-key field is not trusted: the proven certificate names the key.
 fn verify_claimed(
     provider: &Provider<'_>,
     tx: &Transaction<'_>,
     identity: &Identity,
     claimed: &ClaimKeyPackagesResponse,
-    now: i64,
+    _now: i64,
 ) -> Result<Vec<(Uuid, KeyPackage)>, CoreError> {
-    if claimed.username == identity.username {
-        if claimed.account_key.as_ref() != identity.account_key() {
-            return Err(CoreError::KeyMismatch {
-                user: claimed.username.clone(),
-                detail: "the server lists another account key for your own account".into(),
-            });
+    if claimed.username != identity.username {
+        let blocked = blocked_members(tx, [claimed.username.clone()])?;
+        if !blocked.is_empty() {
+            return Err(key_change_error(&blocked));
         }
-    } else if observe_account_key(
-        provider,
-        tx,
-        &identity.username,
-        &claimed.username,
-        claimed.account_key.as_ref(),
-        now,
-    )? {
-        return Err(key_change_error(std::slice::from_ref(&claimed.username)));
     }
     let mut out = Vec::with_capacity(claimed.key_packages.len());
     for entry in &claimed.key_packages {
@@ -199,7 +188,6 @@ fn verify_claimed(
         }
         if cert.username != claimed.username
             || cert.device_id != entry.device_id
-            || cert.account_key.as_slice() != claimed.account_key.as_ref()
             || cert.encode() != entry.certificate.as_ref()
         {
             return Err(invalid("its certificate does not match the account"));

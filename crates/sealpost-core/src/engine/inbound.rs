@@ -448,7 +448,10 @@ impl Engine {
                 tracing::warn!(kind = kind_name(envelope.kind), "envelope rejected: {err}");
                 let text = match envelope.kind {
                     EnvelopeKind::Application => format!("a message could not be decrypted: {err}"),
-                    _ => format!("a group change was rejected: {err}"),
+                    _ => format!(
+                        "ALERT: a group change was rejected (it may be forged; the conversation \
+                         may not work until it is repaired): {err}"
+                    ),
                 };
                 self.transact(|_, tx, _| {
                     mark_processed(tx, envelope, now)?;

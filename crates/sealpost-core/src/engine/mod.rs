@@ -60,7 +60,11 @@ pub(crate) fn capabilities() -> Capabilities {
     Capabilities::new(
         None,
         Some(&[CIPHERSUITE]),
-        Some(&[ExtensionType::Unknown(CONVERSATION_INFO_EXTENSION)]),
+        // Listing LastResort is what lets a last-resort KeyPackage validate.
+        Some(&[
+            ExtensionType::Unknown(CONVERSATION_INFO_EXTENSION),
+            ExtensionType::LastResort,
+        ]),
         None,
         Some(&[CredentialType::Basic]),
     )
@@ -434,5 +438,39 @@ impl Engine {
                 last_resort,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openmls::prelude::tls_codec::Deserialize as _;
+    use openmls::prelude::{MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
+
+    use super::*;
+
+    #[test]
+    fn generated_key_packages_verify_including_the_last_resort_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = Engine::open(&dir.path().join("db")).unwrap();
+        engine
+            .create_identity("alice", "http://127.0.0.1:1")
+            .unwrap();
+        engine.confirm_registration().unwrap();
+        let upload = engine.generate_key_packages(2, true).unwrap();
+        let crypto = RustCrypto::default();
+        let all = upload.key_packages.iter().chain(upload.last_resort.iter());
+        let mut last_resort = 0;
+        for bytes in all {
+            let MlsMessageBodyIn::KeyPackage(package) =
+                MlsMessageIn::tls_deserialize_exact(bytes.as_ref())
+                    .unwrap()
+                    .extract()
+            else {
+                panic!("not a KeyPackage");
+            };
+            let package = package.validate(&crypto, ProtocolVersion::Mls10).unwrap();
+            last_resort += usize::from(package.last_resort());
+        }
+        assert_eq!(last_resort, 1);
     }
 }

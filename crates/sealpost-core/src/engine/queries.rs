@@ -190,3 +190,16 @@ impl Engine {
         Ok(entries)
     }
 }
+
+impl Engine {
+    /// Entries of the security pseudo-conversation (alerts), oldest first.
+    pub fn alerts(&self) -> Result<Vec<HistoryEntry>, CoreError> {
+        let sql = format!(
+            "SELECT {HISTORY_COLUMNS} FROM history h LEFT JOIN conversations c ON c.group_id = h.group_id \
+             WHERE h.group_id = ? ORDER BY h.seq"
+        );
+        let mut statement = self.conn.prepare(&sql)?;
+        let rows = statement.query_map([super::transparency::SECURITY], entry_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}

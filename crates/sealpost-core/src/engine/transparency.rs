@@ -341,7 +341,9 @@ impl Engine {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
             let keys = kt_keys(tx)?;
             observe_root(tx, &response.root, now)?;
-            let versions = verify_history(&keys, &identity.username, response)?;
+            let mut versions = verify_history(&keys, &identity.username, response)?;
+            // akd lists the newest version first; walk them in publication order.
+            versions.sort_by_key(|v| v.version);
             let own_key = identity.account_key();
             let mut raised = Vec::new();
             // Versions before our account first appears belong to an earlier holder of

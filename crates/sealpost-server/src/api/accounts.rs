@@ -214,12 +214,32 @@ pub async fn user_devices(
             }
         })
         .collect();
-    Ok(Json(UserDevicesResponse {
+    #[allow(unused_mut)]
+    let mut response = UserDevicesResponse {
         kt,
         username,
         account_key: Bytes64(entry.account_key.to_vec()),
         devices,
-    }))
+    };
+    #[cfg(feature = "adversarial")]
+    if let Some((key, devices)) = state
+        .tamper
+        .lock()
+        .ok()
+        .and_then(|t| t.substitute_devices.get(&response.username).cloned())
+    {
+        response.account_key = Bytes64(key.to_vec());
+        response.devices = devices
+            .into_iter()
+            .map(|(device_id, certificate)| DeviceInfo {
+                device_id,
+                certificate: Bytes64(certificate),
+                created: String::new(),
+                name_sealed: None,
+            })
+            .collect();
+    }
+    Ok(Json(response))
 }
 
 /// Deletes the caller's account and all its devices. The username becomes free again; a

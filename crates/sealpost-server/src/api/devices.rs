@@ -78,6 +78,14 @@ pub async fn claim(
     let device_id = parse_device_id(&device_id)?;
     let (device, package) = state.store.claim_device_key_package(device_id).await?;
     let account = existing_account(&state, &device.username).await?;
+    #[cfg(feature = "adversarial")]
+    if let Some(forged) = crate::adversary::forged_claim(&state, &device.username) {
+        return Ok(Json(ClaimKeyPackagesResponse {
+            username: device.username,
+            account_key: Bytes64(account.account_key),
+            key_packages: vec![forged],
+        }));
+    }
     Ok(Json(ClaimKeyPackagesResponse {
         username: device.username,
         account_key: Bytes64(account.account_key),

@@ -138,6 +138,12 @@ pub async fn commit(
             "a Welcome is required exactly when devices are added",
         ));
     }
+    #[allow(unused_mut)]
+    let mut commit = request.commit.into_inner();
+    #[cfg(feature = "adversarial")]
+    if state.tamper.lock().is_ok_and(|t| t.corrupt_commits) {
+        crate::adversary::corrupt(&mut commit);
+    }
     let mut sequence_request = new_request(
         &state,
         group_id,
@@ -145,7 +151,7 @@ pub async fn commit(
         request.message_id,
         EnvelopeKind::Commit,
         epoch,
-        request.commit.into_inner(),
+        commit,
     );
     sequence_request.welcome = request.welcome.map(|w| w.into_inner());
     sequence_request.added_devices = request.added_devices;

@@ -80,6 +80,14 @@ pub async fn claim(
 ) -> Result<Json<ClaimKeyPackagesResponse>, ApiError> {
     let account = existing_account(&state, &username).await?;
     let claimed = state.store.claim_key_packages(&username).await?;
+    #[cfg(feature = "adversarial")]
+    if let Some(forged) = crate::adversary::forged_claim(&state, &username) {
+        return Ok(Json(ClaimKeyPackagesResponse {
+            username,
+            account_key: Bytes64(account.account_key),
+            key_packages: vec![forged],
+        }));
+    }
     Ok(Json(ClaimKeyPackagesResponse {
         username,
         account_key: Bytes64(account.account_key),

@@ -43,6 +43,12 @@ pub async fn keys(State(state): State<AppState>) -> Json<KtKeysResponse> {
 }
 
 pub async fn root(State(state): State<AppState>) -> Result<Json<SignedRoot>, ApiError> {
+    #[cfg(feature = "adversarial")]
+    if let Some(epoch) = state.tamper.lock().ok().and_then(|t| t.rollback_to)
+        && let Some(old) = state.kt.roots(epoch, epoch).await?.pop()
+    {
+        return Ok(Json(old));
+    }
     Ok(Json(state.kt.root().await?))
 }
 
@@ -56,9 +62,17 @@ pub async fn roots(
             "ask for 1 to {MAX_ROOTS} epochs, from <= to"
         )));
     }
-    Ok(Json(RootsResponse {
-        roots: state.kt.roots(range.from, range.to).await?,
-    }))
+    #[allow(unused_mut)]
+    let mut roots = state.kt.roots(range.from, range.to).await?;
+    #[cfg(feature = "adversarial")]
+    if let Ok(tamper) = state.tamper.lock() {
+        for root in &mut roots {
+            if let Some(hash) = tamper.forged_roots.get(&root.epoch) {
+                *root = state.kt.sign_forged_root(root.epoch, hash);
+            }
+        }
+    }
+    Ok(Json(RootsResponse { roots }))
 }
 
 pub async fn lookup(

@@ -18,7 +18,21 @@ pub async fn fetch(
         .limit
         .unwrap_or(limits::MAILBOX_FETCH_MAX)
         .clamp(1, limits::MAILBOX_FETCH_MAX);
-    let (envelopes, more) = state.store.fetch_mailbox(device.device_id, limit).await?;
+    #[allow(unused_mut)]
+    let (mut envelopes, more) = state.store.fetch_mailbox(device.device_id, limit).await?;
+    #[cfg(feature = "adversarial")]
+    if let Ok(tamper) = state.tamper.lock() {
+        if tamper.reverse_mailbox_for == Some(device.device_id) {
+            envelopes.reverse();
+        }
+        if tamper.corrupt_application_for == Some(device.device_id) {
+            for envelope in &mut envelopes {
+                if envelope.kind == sealpost_proto::api::EnvelopeKind::Application {
+                    crate::adversary::corrupt(&mut envelope.payload.0);
+                }
+            }
+        }
+    }
     Ok(Json(MailboxResponse { envelopes, more }))
 }
 

@@ -35,10 +35,15 @@ use crate::store::{DeviceRecord, Store};
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// The same store as its concrete type, for closing it at shutdown.
+    pub sqlite: Arc<crate::store::sqlite::SqliteStore>,
     pub kt: Arc<crate::kt::KeyTransparency>,
     pub notifier: Notifier,
     pub config: Arc<Config>,
     pub shutdown: CancellationToken,
+    /// What a malicious server does (tests only).
+    #[cfg(feature = "adversarial")]
+    pub tamper: Arc<std::sync::Mutex<crate::adversary::Tamper>>,
 }
 
 /// JSON body extractor whose rejections are API errors.

@@ -233,8 +233,21 @@ impl KeyTransparency {
             .directory
             .publish(vec![(AkdLabel::from(username), AkdValue(entry.encode()))])
             .await?;
+        // The honest publisher must not overwrite the lie at the next epoch.
+        let pending: Vec<(String, i64)> = self
+            .store
+            .kt_pending()
+            .await?
+            .into_iter()
+            .filter(|(name, _)| name == username)
+            .collect();
         self.store
-            .kt_mark_published(&[], published.0, &published.1, crate::clock::now_unix())
+            .kt_mark_published(
+                &pending,
+                published.0,
+                &published.1,
+                crate::clock::now_unix(),
+            )
             .await?;
         Ok(self.sign(published.0, &published.1))
     }
