@@ -88,6 +88,11 @@ async fn linked_device_takes_part_in_every_conversation() {
         bob.group_snapshot("club").unwrap(),
         phone.group_snapshot("club").unwrap()
     );
+    // Linking is legitimate: no device raises a security alert about it.
+    for client in [&alice, &phone, &bob] {
+        client.sync().await.unwrap();
+        assert!(client.alerts().unwrap().is_empty(), "{:?}", client.alerts());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -365,3 +365,63 @@ async fn replayed_reordered_and_altered_messages_are_caught() {
     assert_eq!(failures(&seen).len(), 1, "{seen:?}");
     assert_eq!(texts(&carol.sync().await.unwrap()), ["one", "two", "four"]);
 }
+
+/// `sealpost audit` verifies append-only proofs over every epoch, and fails loudly when
+/// the server serves a root that does not follow from the previous one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verifies_the_directory_and_catches_a_forged_root() {
+    let env = Env::new().await;
+    env.cli_register("alice");
+    env.cli_register("bob");
+    env.cli("alice", &["send", "bob", "hello"]).assert_ok();
+    env.cli_register("carol");
+    // Wait until carol is published, so there are at least three epochs.
+    while !env
+        .server
+        .state()
+        .store
+        .kt_pending()
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let current = env.server.state().kt.root().await.unwrap().epoch;
+    assert!(current >= 3, "epoch {current}");
+
+    let summary = env
+        .cli("alice", &["--json", "audit"])
+        .assert_ok()
+        .json_lines();
+    assert_eq!(summary[0]["from"], 0);
+    assert_eq!(summary[0]["to"], current);
+    let text = env
+        .cli("alice", &["audit", "--from", "1"])
+        .assert_ok()
+        .stdout
+        .clone();
+    assert!(text.contains("append-only"), "{text}");
+    let out = env.cli("alice", &["audit", "--from", "5", "--to", "2"]);
+    assert!(
+        !out.success && out.stderr.contains("nothing to audit"),
+        "{}",
+        out.stderr
+    );
+
+    // A root that was swapped after the fact breaks the chain of proofs.
+    env.server
+        .state()
+        .tamper
+        .lock()
+        .unwrap()
+        .forged_roots
+        .insert(current - 1, vec![0x13; 32]);
+    let out = env.cli("bob", &["audit"]);
+    assert!(!out.success, "a forged root passed the audit");
+    assert!(
+        out.stderr.contains("key transparency check failed"),
+        "{}",
+        out.stderr
+    );
+}

@@ -65,13 +65,7 @@ pub async fn roots(
     #[allow(unused_mut)]
     let mut roots = state.kt.roots(range.from, range.to).await?;
     #[cfg(feature = "adversarial")]
-    if let Ok(tamper) = state.tamper.lock() {
-        for root in &mut roots {
-            if let Some(hash) = tamper.forged_roots.get(&root.epoch) {
-                *root = state.kt.sign_forged_root(root.epoch, hash);
-            }
-        }
-    }
+    forge_roots(&state, &mut roots);
     Ok(Json(RootsResponse { roots }))
 }
 
@@ -101,5 +95,21 @@ pub async fn audit(
             "an audit spans 1 to {MAX_AUDIT_SPAN} epochs, from < to"
         )));
     }
-    Ok(Json(state.kt.audit(range.from, range.to).await?))
+    #[allow(unused_mut)]
+    let mut response = state.kt.audit(range.from, range.to).await?;
+    #[cfg(feature = "adversarial")]
+    forge_roots(&state, &mut response.roots);
+    Ok(Json(response))
+}
+
+/// A malicious server's forged roots, validly signed (tests only).
+#[cfg(feature = "adversarial")]
+fn forge_roots(state: &AppState, roots: &mut [SignedRoot]) {
+    if let Ok(tamper) = state.tamper.lock() {
+        for root in roots {
+            if let Some(hash) = tamper.forged_roots.get(&root.epoch) {
+                *root = state.kt.sign_forged_root(root.epoch, hash);
+            }
+        }
+    }
 }
