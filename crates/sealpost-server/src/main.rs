@@ -23,6 +23,10 @@ struct Args {
     /// Days an undelivered message is kept.
     #[arg(long, env = "SEALPOST_MAILBOX_TTL_DAYS", default_value_t = 30)]
     mailbox_ttl_days: u64,
+    /// Milliseconds between key-directory epochs (an epoch is published only when
+    /// accounts or devices changed).
+    #[arg(long, env = "SEALPOST_KT_INTERVAL_MS", default_value_t = 5_000)]
+    kt_interval_ms: u64,
 }
 
 #[tokio::main]
@@ -47,6 +51,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = Config::new(args.data_dir);
     config.listen = args.listen;
     config.mailbox_ttl = Duration::from_secs(args.mailbox_ttl_days.max(1) * 24 * 3600);
+    config.kt_interval = Duration::from_millis(args.kt_interval_ms.max(10));
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
