@@ -97,7 +97,9 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::LimitExceeded(what) => Self::new(ErrorCode::LimitExceeded, what),
             StoreError::Invalid(what) => Self::bad_request(what),
-            err @ (StoreError::Backend(_) | StoreError::Migration(_)) => Self::internal(&err),
+            err @ (StoreError::Backend(_)
+            | StoreError::Migration(_)
+            | StoreError::CommitFailed(_)) => Self::internal(&err),
         }
     }
 }

@@ -49,6 +49,8 @@ pub enum StoreError {
     LimitExceeded(&'static str),
     #[error("invalid request: {0}")]
     Invalid(&'static str),
+    #[error("the write transaction failed: {0}")]
+    CommitFailed(String),
     #[error("database error: {0}")]
     Backend(#[from] sqlx::Error),
     #[error("migration error: {0}")]

@@ -10,6 +10,8 @@
 
 use std::path::Path;
 use std::str::FromStr as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,6 +23,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row as _, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
@@ -35,6 +38,26 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    batcher: mpsc::Sender<Job>,
+    stats: Arc<BatchStats>,
+}
+
+/// One request for the group-commit writer and where to send its answer.
+type Job = (
+    SequenceRequest,
+    oneshot::Sender<Result<SequenceOutcome, StoreError>>,
+);
+
+/// Most sequenced messages one transaction (one fsync) carries.
+const MAX_BATCH: usize = 256;
+
+/// Counters of the group-commit writer.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Transactions committed.
+    pub batches: AtomicU64,
+    /// Requests they carried.
+    pub requests: AtomicU64,
 }
 
 impl SqliteStore {
@@ -56,7 +79,20 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        let (batcher, jobs) = mpsc::channel(4 * MAX_BATCH);
+        let stats = Arc::new(BatchStats::default());
+        tokio::spawn(run_batcher(writer.clone(), jobs, stats.clone()));
+        Ok(Self {
+            writer,
+            reader,
+            batcher,
+            stats,
+        })
+    }
+
+    /// Counters of the group-commit writer (for metrics and tests).
+    pub fn batch_stats(&self) -> &BatchStats {
+        &self.stats
     }
 
     /// The akd storage on the same database.
@@ -264,6 +300,217 @@ async fn deliver(
             .await?;
     }
     Ok(())
+}
+
+/// The group-commit writer: takes every sequencing request that is waiting (up to
+/// [`MAX_BATCH`]), applies them in order in one transaction, each under its own savepoint
+/// (a refused request rolls back only itself), commits once — one WAL fsync for the whole
+/// batch — and only then answers each request. A sender is never acknowledged before its
+/// message is durable.
+async fn run_batcher(writer: SqlitePool, mut jobs: mpsc::Receiver<Job>, stats: Arc<BatchStats>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = commit_batch(&writer, &batch).await;
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .requests
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for ((_, answer), result) in batch.into_iter().zip(results) {
+            let _ = answer.send(result);
+        }
+    }
+}
+
+async fn commit_batch(
+    writer: &SqlitePool,
+    batch: &[Job],
+) -> Vec<Result<SequenceOutcome, StoreError>> {
+    let failed = |why: &str| {
+        batch
+            .iter()
+            .map(|_| Err(StoreError::CommitFailed(why.to_owned())))
+            .collect()
+    };
+    let mut tx = match writer.begin().await {
+        Ok(tx) => tx,
+        Err(err) => return failed(&err.to_string()),
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for (request, _) in batch {
+        if let Err(err) = sqlx::query("SAVEPOINT sequence").execute(&mut *tx).await {
+            return failed(&err.to_string());
+        }
+        let result = sequence_in(&mut tx, request).await;
+        let undo = if result.is_err() {
+            sqlx::query("ROLLBACK TO sequence")
+                .execute(&mut *tx)
+                .await
+                .err()
+        } else {
+            None
+        };
+        let release = sqlx::query("RELEASE sequence")
+            .execute(&mut *tx)
+            .await
+            .err();
+        if let Some(err) = undo.or(release) {
+            return failed(&err.to_string());
+        }
+        results.push(result);
+    }
+    match tx.commit().await {
+        Ok(()) => results,
+        Err(err) => failed(&err.to_string()),
+    }
+}
+
+/// Sequences one request inside the caller's transaction (see [`Store::sequence`]).
+async fn sequence_in(
+    tx: &mut SqliteConnection,
+    request: &SequenceRequest,
+) -> Result<SequenceOutcome, StoreError> {
+    let group = sqlx::query("SELECT epoch, next_seq FROM groups WHERE group_id = ?")
+        .bind(&request.group_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(group) = group else {
+        return Err(StoreError::GroupNotFound);
+    };
+    let epoch: i64 = group.try_get("epoch")?;
+    let group_seq: i64 = group.try_get("next_seq")?;
+
+    // A resend of an accepted message answers what the first attempt got.
+    let previous = sqlx::query(
+        "SELECT group_seq, epoch_after, payload_hash FROM messages \
+         WHERE group_id = ? AND message_id = ? AND kind = ?",
+    )
+    .bind(&request.group_id)
+    .bind(request.message_id.as_bytes().as_slice())
+    .bind(request.kind.as_i64())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(previous) = previous {
+        let hash: Vec<u8> = previous.try_get("payload_hash")?;
+        if hash != Sha256::digest(&request.payload).as_slice() {
+            return Err(StoreError::DuplicateMessageId);
+        }
+        return Ok(SequenceOutcome {
+            response: SequencedResponse {
+                group_seq: previous.try_get::<i64, _>("group_seq")? as u64,
+                epoch: previous.try_get::<i64, _>("epoch_after")? as u64,
+            },
+            recipients: Vec::new(),
+        });
+    }
+
+    let members = members_of(tx, &request.group_id).await?;
+    if !members.contains(&request.sender_device) {
+        return Err(StoreError::NotAMember);
+    }
+    if request.epoch != epoch as u64 {
+        return Err(StoreError::EpochConflict {
+            current: epoch as u64,
+        });
+    }
+
+    let mut recipients: Vec<Uuid> = members
+        .iter()
+        .copied()
+        .filter(|device| *device != request.sender_device)
+        .collect();
+    let epoch_after = match request.kind {
+        EnvelopeKind::Commit => epoch + 1,
+        _ => epoch,
+    };
+    let message = insert_message(
+        tx,
+        request,
+        request.kind,
+        group_seq,
+        epoch_after,
+        &request.payload,
+    )
+    .await?;
+    deliver(tx, message, &recipients).await?;
+
+    if request.kind == EnvelopeKind::Commit {
+        // A device that already left (proposal) is no longer on the delivery list;
+        // removing it again is a no-op.
+        for device in &request.removed_devices {
+            sqlx::query("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")
+                .bind(&request.group_id)
+                .bind(device.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !request.added_devices.is_empty() {
+            let Some(welcome) = &request.welcome else {
+                return Err(StoreError::Invalid("devices are added without a Welcome"));
+            };
+            for device in &request.added_devices {
+                let known: Option<i64> =
+                    sqlx::query_scalar("SELECT 1 FROM devices WHERE device_id = ?")
+                        .bind(device.as_bytes().as_slice())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if known.is_none() {
+                    return Err(StoreError::UnknownDevice(*device));
+                }
+                let inserted =
+                    sqlx::query("INSERT INTO group_members (group_id, device_id) VALUES (?, ?)")
+                        .bind(&request.group_id)
+                        .bind(device.as_bytes().as_slice())
+                        .execute(&mut *tx)
+                        .await;
+                match inserted {
+                    Err(err) if is_unique_violation(&err) => {
+                        return Err(StoreError::Invalid("an added device is already a member"));
+                    }
+                    other => other?,
+                };
+            }
+            let welcome_row = insert_message(
+                tx,
+                request,
+                EnvelopeKind::Welcome,
+                group_seq,
+                epoch_after,
+                welcome,
+            )
+            .await?;
+            deliver(tx, welcome_row, &request.added_devices).await?;
+            recipients.extend(request.added_devices.iter().copied());
+        }
+    }
+    if request.kind == EnvelopeKind::Proposal {
+        for device in &request.leaving_devices {
+            sqlx::query("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")
+                .bind(&request.group_id)
+                .bind(device.as_bytes().as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+
+    sqlx::query("UPDATE groups SET epoch = ?, next_seq = ? WHERE group_id = ?")
+        .bind(epoch_after)
+        .bind(group_seq + 1)
+        .bind(&request.group_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(SequenceOutcome {
+        response: SequencedResponse {
+            group_seq: group_seq as u64,
+            epoch: epoch_after as u64,
+        },
+        recipients,
+    })
 }
 
 #[async_trait]
@@ -808,145 +1055,14 @@ impl Store for SqliteStore {
     }
 
     async fn sequence(&self, request: SequenceRequest) -> Result<SequenceOutcome, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        let group = sqlx::query("SELECT epoch, next_seq FROM groups WHERE group_id = ?")
-            .bind(&request.group_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(group) = group else {
-            return Err(StoreError::GroupNotFound);
-        };
-        let epoch: i64 = group.try_get("epoch")?;
-        let group_seq: i64 = group.try_get("next_seq")?;
-
-        // A resend of an accepted message answers what the first attempt got.
-        let previous = sqlx::query(
-            "SELECT group_seq, epoch_after, payload_hash FROM messages \
-             WHERE group_id = ? AND message_id = ? AND kind = ?",
-        )
-        .bind(&request.group_id)
-        .bind(request.message_id.as_bytes().as_slice())
-        .bind(request.kind.as_i64())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(previous) = previous {
-            let hash: Vec<u8> = previous.try_get("payload_hash")?;
-            if hash != Sha256::digest(&request.payload).as_slice() {
-                return Err(StoreError::DuplicateMessageId);
-            }
-            return Ok(SequenceOutcome {
-                response: SequencedResponse {
-                    group_seq: previous.try_get::<i64, _>("group_seq")? as u64,
-                    epoch: previous.try_get::<i64, _>("epoch_after")? as u64,
-                },
-                recipients: Vec::new(),
-            });
-        }
-
-        let members = members_of(&mut tx, &request.group_id).await?;
-        if !members.contains(&request.sender_device) {
-            return Err(StoreError::NotAMember);
-        }
-        if request.epoch != epoch as u64 {
-            return Err(StoreError::EpochConflict {
-                current: epoch as u64,
-            });
-        }
-
-        let mut recipients: Vec<Uuid> = members
-            .iter()
-            .copied()
-            .filter(|device| *device != request.sender_device)
-            .collect();
-        let epoch_after = match request.kind {
-            EnvelopeKind::Commit => epoch + 1,
-            _ => epoch,
-        };
-        let message = insert_message(
-            &mut tx,
-            &request,
-            request.kind,
-            group_seq,
-            epoch_after,
-            &request.payload,
-        )
-        .await?;
-        deliver(&mut tx, message, &recipients).await?;
-
-        if request.kind == EnvelopeKind::Commit {
-            // A device that already left (proposal) is no longer on the delivery list;
-            // removing it again is a no-op.
-            for device in &request.removed_devices {
-                sqlx::query("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")
-                    .bind(&request.group_id)
-                    .bind(device.as_bytes().as_slice())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            if !request.added_devices.is_empty() {
-                let Some(welcome) = &request.welcome else {
-                    return Err(StoreError::Invalid("devices are added without a Welcome"));
-                };
-                for device in &request.added_devices {
-                    let known: Option<i64> =
-                        sqlx::query_scalar("SELECT 1 FROM devices WHERE device_id = ?")
-                            .bind(device.as_bytes().as_slice())
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    if known.is_none() {
-                        return Err(StoreError::UnknownDevice(*device));
-                    }
-                    let inserted = sqlx::query(
-                        "INSERT INTO group_members (group_id, device_id) VALUES (?, ?)",
-                    )
-                    .bind(&request.group_id)
-                    .bind(device.as_bytes().as_slice())
-                    .execute(&mut *tx)
-                    .await;
-                    match inserted {
-                        Err(err) if is_unique_violation(&err) => {
-                            return Err(StoreError::Invalid("an added device is already a member"));
-                        }
-                        other => other?,
-                    };
-                }
-                let welcome_row = insert_message(
-                    &mut tx,
-                    &request,
-                    EnvelopeKind::Welcome,
-                    group_seq,
-                    epoch_after,
-                    welcome,
-                )
-                .await?;
-                deliver(&mut tx, welcome_row, &request.added_devices).await?;
-                recipients.extend(request.added_devices.iter().copied());
-            }
-        }
-        if request.kind == EnvelopeKind::Proposal {
-            for device in &request.leaving_devices {
-                sqlx::query("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")
-                    .bind(&request.group_id)
-                    .bind(device.as_bytes().as_slice())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-
-        sqlx::query("UPDATE groups SET epoch = ?, next_seq = ? WHERE group_id = ?")
-            .bind(epoch_after)
-            .bind(group_seq + 1)
-            .bind(&request.group_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(SequenceOutcome {
-            response: SequencedResponse {
-                group_seq: group_seq as u64,
-                epoch: epoch_after as u64,
-            },
-            recipients,
-        })
+        let (answer, answered) = oneshot::channel();
+        self.batcher
+            .send((request, answer))
+            .await
+            .map_err(|_| StoreError::Invalid("the store is closed"))?;
+        answered
+            .await
+            .map_err(|_| StoreError::Invalid("the store is closed"))?
     }
 
     async fn fetch_mailbox(
@@ -1053,6 +1169,60 @@ mod tests {
             .unwrap();
         super::super::conformance::run_all(&store).await;
         store.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_sends_share_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqliteStore::open(&dir.path().join("test.db"))
+                .await
+                .unwrap(),
+        );
+        let group = "ab".repeat(16);
+        let sender = Uuid::new_v4();
+        store.create_group(&group, sender).await.unwrap();
+        let sends = (0..200u32).map(|i| {
+            let store = store.clone();
+            let group = group.clone();
+            tokio::spawn(async move {
+                store
+                    .sequence(SequenceRequest {
+                        group_id: group,
+                        sender_device: sender,
+                        message_id: Uuid::new_v4(),
+                        kind: EnvelopeKind::Application,
+                        epoch: if i == 7 { 9 } else { 0 },
+                        payload: i.to_be_bytes().to_vec(),
+                        welcome: None,
+                        added_devices: Vec::new(),
+                        removed_devices: Vec::new(),
+                        leaving_devices: Vec::new(),
+                        now: 0,
+                        expires_at: i64::MAX,
+                    })
+                    .await
+            })
+        });
+        let mut seqs = Vec::new();
+        for (i, send) in futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            match send.unwrap() {
+                Ok(outcome) => seqs.push(outcome.response.group_seq),
+                // The one stale request is refused without harming its batch.
+                Err(StoreError::EpochConflict { current: 0 }) => assert_eq!(i, 7),
+                Err(err) => panic!("{err}"),
+            }
+        }
+        seqs.sort();
+        assert_eq!(seqs, (1..=199).collect::<Vec<_>>());
+        let stats = store.batch_stats();
+        let batches = stats.batches.load(Ordering::Relaxed);
+        assert_eq!(stats.requests.load(Ordering::Relaxed), 200);
+        assert!(batches < 200, "every send took its own transaction");
     }
 
     #[tokio::test]
