@@ -32,6 +32,11 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
             let mut config = Config::new(PathBuf::from(data_dir));
             config.listen = listen.parse().context("listen address")?;
             config.kt_interval = Duration::from_millis(50);
+            // All chaos clients share one address and run flat out.
+            config.limits.ip_per_second = 100_000;
+            config.limits.ip_burst = 100_000;
+            config.limits.account_per_second = 100_000;
+            config.limits.account_burst = 100_000;
             let listener = tokio::net::TcpListener::bind(config.listen).await?;
             sealpost_server::serve(config, listener, std::future::pending()).await?;
             Ok(())

@@ -31,6 +31,9 @@ use uuid::Uuid;
 
 use crate::error::CoreError;
 
+/// How often a rate-limited request is retried before the error is returned.
+const RATE_LIMIT_RETRIES: u32 = 3;
+
 /// A connected device WebSocket.
 pub type DeviceSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -86,22 +89,39 @@ impl Transport {
         auth: bool,
     ) -> Result<T, CoreError> {
         let url = format!("{}{}", self.base, path);
-        let mut request = self.http.request(method, &url);
-        if auth {
-            let token = self.token().ok_or_else(|| CoreError::Server {
-                code: sealpost_proto::ErrorCode::Unauthorized,
-                message: "not logged in".into(),
-                current_epoch: None,
+        let mut attempt = 0;
+        let response = loop {
+            let mut request = self.http.request(method.clone(), &url);
+            if auth {
+                let token = self.token().ok_or_else(|| CoreError::Server {
+                    code: sealpost_proto::ErrorCode::Unauthorized,
+                    message: "not logged in".into(),
+                    current_epoch: None,
+                })?;
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request.send().await.map_err(|e| CoreError::Unreachable {
+                url: self.base.clone(),
+                reason: describe(&e),
             })?;
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await.map_err(|e| CoreError::Unreachable {
-            url: self.base.clone(),
-            reason: describe(&e),
-        })?;
+            // Rate limited: wait as the server asks (at most a few times), then go on.
+            if response.status() == StatusCode::TOO_MANY_REQUESTS && attempt < RATE_LIMIT_RETRIES {
+                attempt += 1;
+                let wait = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .min(30);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                continue;
+            }
+            break response;
+        };
         let status = response.status();
         let bytes = response.bytes().await.map_err(|e| CoreError::Unreachable {
             url: self.base.clone(),

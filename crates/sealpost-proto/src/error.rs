@@ -67,6 +67,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// The server failed; details are in its log, never in the response.
     Internal,
+    /// The request took too long (for example a body sent too slowly).
+    Timeout,
     /// The server is shutting down or not ready.
     Unavailable,
 }
@@ -89,6 +91,7 @@ impl ErrorCode {
             | Self::NotFound
             | Self::NoKeyPackages => 404,
             Self::MethodNotAllowed => 405,
+            Self::Timeout => 408,
             Self::UsernameTaken
             | Self::DeviceExists
             | Self::GroupExists
@@ -134,6 +137,7 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Internal => "internal",
+            Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
         }
     }
@@ -206,6 +210,7 @@ mod tests {
             ErrorCode::NotFound,
             ErrorCode::MethodNotAllowed,
             ErrorCode::Internal,
+            ErrorCode::Timeout,
             ErrorCode::Unavailable,
         ];
         for code in all {

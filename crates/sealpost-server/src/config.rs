@@ -21,6 +21,8 @@ pub struct Config {
     pub link_ttl: Duration,
     /// How often the key directory publishes a new epoch when there are changes.
     pub kt_interval: Duration,
+    /// Abuse limits.
+    pub limits: crate::limits::Limits,
 }
 
 impl Config {
@@ -35,6 +37,7 @@ impl Config {
             expiry_interval: Duration::from_secs(60),
             link_ttl: Duration::from_secs(sealpost_proto::limits::LINK_TTL_SECS),
             kt_interval: Duration::from_secs(5),
+            limits: crate::limits::Limits::default(),
         }
     }
 

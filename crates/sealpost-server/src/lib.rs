@@ -16,6 +16,8 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod kt;
+pub mod limits;
+pub mod metrics;
 pub mod mls;
 pub mod notify;
 pub mod store;
@@ -63,6 +65,9 @@ pub async fn open_state(config: Config) -> Result<api::AppState, ServerError> {
         store,
         kt,
         notifier: notify::Notifier::default(),
+        metrics: Arc::new(metrics::Metrics::default()),
+        rate_limits: Arc::new(limits::RateLimits::new(&config.limits)),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         config: Arc::new(config),
         shutdown: CancellationToken::new(),
         #[cfg(feature = "adversarial")]
@@ -91,18 +96,25 @@ pub async fn run(
     let sqlite = state.sqlite.clone();
     let expiry = tokio::spawn(run_expiry(state.clone()));
     let publisher = tokio::spawn(run_kt_publisher(state.clone()));
+    state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ready = state.ready.clone();
     let app = api::router(state);
     let stop = cancel.clone();
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                () = shutdown => {}
-                () = stop.cancelled() => {}
-            }
-            stop.cancel();
-        })
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = stop.cancelled() => {}
+        }
+        // Stop taking new work: load balancers see /readyz fail while requests drain.
+        ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        stop.cancel();
+    })
+    .await?;
     cancel.cancel();
     let _ = expiry.await;
     let _ = publisher.await;
@@ -116,6 +128,7 @@ async fn run_expiry(state: api::AppState) {
     loop {
         tokio::select! {
             _ = interval.tick() => {
+                state.rate_limits.forget_idle();
                 match state.store.expire(clock::now_unix()).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(expired = n, "expired undelivered messages"),

@@ -14,9 +14,43 @@ use uuid::Uuid;
 #[derive(Debug, Default, Clone)]
 pub struct Notifier {
     channels: Arc<Mutex<HashMap<Uuid, watch::Sender<u64>>>>,
+    sockets: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One open WebSocket counted against its account; released on drop.
+#[derive(Debug)]
+pub struct SocketSlot {
+    sockets: Arc<Mutex<HashMap<String, usize>>>,
+    account: String,
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = sockets.get_mut(&self.account) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                sockets.remove(&self.account);
+            }
+        }
+    }
 }
 
 impl Notifier {
+    /// Counts a new WebSocket of `account`, or `None` when it already has `max` open.
+    pub fn reserve_socket(&self, account: &str, max: usize) -> Option<SocketSlot> {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        let count = sockets.entry(account.to_owned()).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(SocketSlot {
+            sockets: self.sockets.clone(),
+            account: account.to_owned(),
+        })
+    }
+
     /// Subscribes a socket of `device` to its wake-ups.
     pub fn subscribe(&self, device: Uuid) -> watch::Receiver<u64> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());

@@ -31,6 +31,13 @@ impl TestServer {
     pub fn config(data_dir: &Path) -> Config {
         let mut config = Config::new(data_dir);
         config.kt_interval = std::time::Duration::from_millis(20);
+        // Every test client shares one address and runs far faster than a person.
+        config.limits.ip_per_second = 100_000;
+        config.limits.ip_burst = 100_000;
+        config.limits.account_per_second = 100_000;
+        config.limits.account_burst = 100_000;
+        config.limits.claims_per_minute = 100_000;
+        config.limits.claims_burst = 100_000;
         config
     }
 

@@ -13,5 +13,6 @@ mod follow;
 mod hostile_input;
 mod malicious_server;
 mod offline;
+mod operations;
 mod property;
 mod safety;

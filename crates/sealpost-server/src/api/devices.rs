@@ -72,9 +72,10 @@ pub async fn remove(
 
 pub async fn claim(
     State(state): State<AppState>,
-    _auth: AuthDevice,
+    AuthDevice(caller): AuthDevice,
     Path(device_id): Path<String>,
 ) -> Result<Json<ClaimKeyPackagesResponse>, ApiError> {
+    state.rate_limits.check_claim(&caller.username)?;
     let device_id = parse_device_id(&device_id)?;
     let (device, package) = state.store.claim_device_key_package(device_id).await?;
     let account = existing_account(&state, &device.username).await?;

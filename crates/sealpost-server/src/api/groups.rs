@@ -79,7 +79,18 @@ async fn sequence(
     state: &AppState,
     request: SequenceRequest,
 ) -> Result<Json<SequencedResponse>, ApiError> {
+    let kind = match request.kind {
+        EnvelopeKind::Commit => "commit",
+        EnvelopeKind::Proposal => "proposal",
+        EnvelopeKind::Application => "application",
+        EnvelopeKind::Welcome => "welcome",
+    };
     let outcome = state.store.sequence(request).await?;
+    state
+        .metrics
+        .messages_in
+        .get_or_create(&crate::metrics::KindLabel { kind })
+        .inc();
     state.notifier.wake(&outcome.recipients);
     Ok(Json(outcome.response))
 }

@@ -75,9 +75,10 @@ pub async fn count(
 
 pub async fn claim(
     State(state): State<AppState>,
-    _auth: AuthDevice,
+    AuthDevice(caller): AuthDevice,
     Path(username): Path<String>,
 ) -> Result<Json<ClaimKeyPackagesResponse>, ApiError> {
+    state.rate_limits.check_claim(&caller.username)?;
     let account = existing_account(&state, &username).await?;
     let claimed = state.store.claim_key_packages(&username).await?;
     #[cfg(feature = "adversarial")]

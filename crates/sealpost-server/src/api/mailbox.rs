@@ -33,6 +33,7 @@ pub async fn fetch(
             }
         }
     }
+    state.metrics.envelopes_out.inc_by(envelopes.len() as u64);
     Ok(Json(MailboxResponse { envelopes, more }))
 }
 

@@ -39,6 +39,10 @@ pub struct AppState {
     pub sqlite: Arc<crate::store::sqlite::SqliteStore>,
     pub kt: Arc<crate::kt::KeyTransparency>,
     pub notifier: Notifier,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub rate_limits: Arc<crate::limits::RateLimits>,
+    /// True between startup and the beginning of shutdown.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
     pub config: Arc<Config>,
     pub shutdown: CancellationToken,
     /// What a malicious server does (tests only).
@@ -72,6 +76,7 @@ impl FromRequestParts<AppState> for AuthDevice {
             .ok_or_else(|| {
                 ApiError::new(ErrorCode::Unauthorized, "invalid or expired bearer token")
             })?;
+        state.rate_limits.check_account(&device.username)?;
         Ok(Self(device))
     }
 }
@@ -95,6 +100,8 @@ pub fn router(state: AppState) -> Router {
     let small = DefaultBodyLimit::max(limits::SMALL_BODY_MAX_BYTES);
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/accounts", post(accounts::register).layer(small))
         .route("/v1/accounts/me", delete(accounts::delete_account))
         .route("/v1/devices/{device_id}", delete(devices::remove))
@@ -154,8 +161,25 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/kt/lookup/{username}", get(kt::lookup))
         .route("/v1/kt/history/{username}", get(kt::history))
         .route("/v1/kt/audit", get(kt::audit))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.rate_limits.clone(),
+            crate::limits::per_address,
+        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(
+                    |_: tower::BoxError| async {
+                        ApiError::new(ErrorCode::Timeout, "the request took too long")
+                    },
+                ))
+                .timeout(state.config.limits.request_timeout),
+        )
         // Log the route template, never the concrete URI (usernames) or the peer address.
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
@@ -172,6 +196,53 @@ pub fn router(state: AppState) -> Router {
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready to serve: the database and key directory are open and shutdown has not begun.
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !state.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the server is starting or stopping",
+        ));
+    }
+    // The database must answer too.
+    state
+        .store
+        .group("00000000000000000000000000000000")
+        .await?;
+    Ok(Json(serde_json::json!({ "status": "ready" })))
+}
+
+/// Prometheus metrics (no per-user labels).
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    if let Ok(depth) = state.store.mailbox_depth().await {
+        state.metrics.mailbox_depth.set(depth as i64);
+    }
+    let stats = state.sqlite.batch_stats();
+    let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+    let requests = stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let counted = state.metrics.write_batches.get();
+    state
+        .metrics
+        .write_batches
+        .inc_by(batches.saturating_sub(counted));
+    let counted = state.metrics.batched_requests.get();
+    state
+        .metrics
+        .batched_requests
+        .inc_by(requests.saturating_sub(counted));
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    ))
 }
 
 async fn not_found() -> ApiError {

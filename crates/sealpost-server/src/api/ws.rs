@@ -11,6 +11,9 @@ use sealpost_proto::api::ServerEvent;
 use uuid::Uuid;
 
 use super::{AppState, AuthDevice};
+use crate::error::ApiError;
+use axum::response::IntoResponse as _;
+use sealpost_proto::ErrorCode;
 
 /// Inbound WebSocket frames and messages are tiny; the socket is for wake-ups.
 const MAX_INBOUND: usize = 4 * 1024;
@@ -20,9 +23,22 @@ pub async fn upgrade(
     AuthDevice(device): AuthDevice,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let Some(slot) = state
+        .notifier
+        .reserve_socket(&device.username, state.config.limits.sockets_per_account)
+    else {
+        return ApiError::new(
+            ErrorCode::RateLimited,
+            "too many open connections for this account",
+        )
+        .into_response();
+    };
     ws.max_message_size(MAX_INBOUND)
         .max_frame_size(MAX_INBOUND)
-        .on_upgrade(move |socket| run(socket, state, device.device_id))
+        .on_upgrade(move |socket| async move {
+            run(socket, state, device.device_id).await;
+            drop(slot);
+        })
 }
 
 fn event_frame() -> Message {
@@ -31,6 +47,7 @@ fn event_frame() -> Message {
 }
 
 async fn run(mut socket: WebSocket, state: AppState, device: Uuid) {
+    state.metrics.websockets.inc();
     let mut wakeups = state.notifier.subscribe(device);
     if socket.send(event_frame()).await.is_ok() {
         loop {
@@ -53,4 +70,5 @@ async fn run(mut socket: WebSocket, state: AppState, device: Uuid) {
     }
     drop(wakeups);
     state.notifier.release(device);
+    state.metrics.websockets.dec();
 }

@@ -285,6 +285,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(Vec<Envelope>, bool), StoreError>;
     /// Deletes acknowledged envelopes of this device; returns how many were removed.
     async fn ack(&self, device_id: Uuid, ids: &[u64]) -> Result<u64, StoreError>;
+    /// Envelopes waiting in all mailboxes.
+    async fn mailbox_depth(&self) -> Result<u64, StoreError>;
     /// Deletes expired challenges, tokens and undelivered messages.
     async fn expire(&self, now: i64) -> Result<u64, StoreError>;
 }

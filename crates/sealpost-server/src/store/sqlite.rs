@@ -1127,6 +1127,13 @@ impl Store for SqliteStore {
         Ok(removed)
     }
 
+    async fn mailbox_depth(&self) -> Result<u64, StoreError> {
+        let depth: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(depth.max(0) as u64)
+    }
+
     async fn expire(&self, now: i64) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin().await?;
         let mailbox = sqlx::query(
