@@ -59,6 +59,8 @@ pub enum ErrorCode {
     NoKeyPackages,
     /// An account or device limit has been reached.
     LimitExceeded,
+    /// A recipient's mailbox is full.
+    MailboxFull,
     /// Too many requests; retry later.
     RateLimited,
     /// The route does not exist.
@@ -103,6 +105,7 @@ impl ErrorCode {
             Self::LimitExceeded => 422,
             Self::RateLimited => 429,
             Self::Internal => 500,
+            Self::MailboxFull => 507,
             Self::Unavailable => 503,
         }
     }
@@ -133,6 +136,7 @@ impl ErrorCode {
             Self::KtPending => "kt_pending",
             Self::NoKeyPackages => "no_key_packages",
             Self::LimitExceeded => "limit_exceeded",
+            Self::MailboxFull => "mailbox_full",
             Self::RateLimited => "rate_limited",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -206,6 +210,7 @@ mod tests {
             ErrorCode::KtPending,
             ErrorCode::NoKeyPackages,
             ErrorCode::LimitExceeded,
+            ErrorCode::MailboxFull,
             ErrorCode::RateLimited,
             ErrorCode::NotFound,
             ErrorCode::MethodNotAllowed,

@@ -87,6 +87,10 @@ impl From<StoreError> for ApiError {
                 ErrorCode::DeviceNotFound,
                 format!("unknown device {device}"),
             ),
+            StoreError::MailboxFull => Self::new(
+                ErrorCode::MailboxFull,
+                "a recipient's mailbox is full; they must come online first",
+            ),
             StoreError::LinkInvalid => Self::new(
                 ErrorCode::LinkInvalid,
                 "the link code is unknown, expired or already used",

@@ -290,6 +290,7 @@ async fn replayed_reordered_and_altered_messages_are_caught() {
         message_id: Uuid::new_v4(),
         kind: EnvelopeKind::Application,
         epoch,
+        mailbox_quota: u64::MAX,
         payload: payload.to_vec(),
         welcome: None,
         added_devices: Vec::new(),

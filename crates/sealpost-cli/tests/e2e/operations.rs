@@ -204,3 +204,24 @@ async fn slow_request_bodies_time_out() {
     assert!(answer.contains("\"timeout\""), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_mailboxes_refuse_messages_but_not_group_changes() {
+    let env = Env::with_config(|c| c.limits.mailbox_quota = 3).await;
+    let alice = env.client("alice").await;
+    let bob = env.client("bob").await;
+    env.client("carol").await;
+    alice.create_group("club", &["bob".into()]).await.unwrap();
+    // Bob stays offline: Welcome + two messages fill his mailbox.
+    alice.send_group("club", "one").await.unwrap();
+    alice.send_group("club", "two").await.unwrap();
+    let refused = alice.send_group("club", "three").await.unwrap_err();
+    assert_eq!(refused.code(), "mailbox_full", "{refused}");
+    assert!(refused.to_string().contains("mailbox is full"), "{refused}");
+    // Group changes still go through, and once bob catches up there is room again.
+    alice.add_member("club", "carol").await.unwrap();
+    let seen = bob.sync().await.unwrap();
+    assert_eq!(crate::common::texts(&seen), ["one", "two"]);
+    alice.send_group("club", "three").await.unwrap();
+    assert_eq!(crate::common::texts(&bob.sync().await.unwrap()), ["three"]);
+}

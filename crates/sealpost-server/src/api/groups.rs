@@ -116,6 +116,7 @@ fn new_request(
         added_devices: Vec::new(),
         removed_devices: Vec::new(),
         leaving_devices: Vec::new(),
+        mailbox_quota: state.config.limits.mailbox_quota,
         now,
         expires_at: now + state.config.mailbox_ttl.as_secs() as i64,
     }

@@ -55,6 +55,7 @@ fn request(
         message_id: Uuid::new_v4(),
         kind,
         epoch,
+        mailbox_quota: u64::MAX,
         payload: payload.to_vec(),
         welcome: None,
         added_devices: Vec::new(),
@@ -75,6 +76,7 @@ pub async fn run_all(store: &dyn Store) {
     mailboxes_deliver_in_order_until_acknowledged(store).await;
     undelivered_messages_expire(store).await;
     devices_are_added_renamed_and_revoked(store).await;
+    mailbox_quota_refuses_application_messages_only(store).await;
     link_sessions_are_single_use_and_burn_after_wrong_proofs(store).await;
 }
 
@@ -493,4 +495,39 @@ async fn undelivered_messages_expire(store: &dyn Store) {
     let (left, _) = store.fetch_mailbox(b, 100).await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].payload.as_ref(), b"fresh");
+}
+
+async fn mailbox_quota_refuses_application_messages_only(store: &dyn Store) {
+    let a = account(store, "quota_a").await.device_id;
+    let b = account(store, "quota_b").await.device_id;
+    let group = "ff".repeat(16);
+    store.create_group(&group, a).await.unwrap();
+    let mut add = request(&group, a, EnvelopeKind::Commit, 0, b"add");
+    add.added_devices = vec![b];
+    add.welcome = Some(b"w".to_vec());
+    add.mailbox_quota = 1;
+    store.sequence(add).await.unwrap();
+    // b holds the Welcome: one envelope, the quota.
+    let mut full = request(&group, a, EnvelopeKind::Application, 1, b"m");
+    full.mailbox_quota = 1;
+    assert!(matches!(
+        store.sequence(full.clone()).await,
+        Err(StoreError::MailboxFull)
+    ));
+    let mut commit = request(&group, a, EnvelopeKind::Commit, 1, b"c");
+    commit.mailbox_quota = 1;
+    store.sequence(commit).await.unwrap();
+    // Acknowledging makes room again.
+    let ids: Vec<u64> = store
+        .fetch_mailbox(b, 10)
+        .await
+        .unwrap()
+        .0
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    store.ack(b, &ids).await.unwrap();
+    let mut room = request(&group, a, EnvelopeKind::Application, 2, b"m2");
+    room.mailbox_quota = 1;
+    store.sequence(room).await.unwrap();
 }

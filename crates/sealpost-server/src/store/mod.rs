@@ -43,6 +43,8 @@ pub enum StoreError {
     UnknownDevice(Uuid),
     #[error("the link is unknown, expired or already used")]
     LinkInvalid,
+    #[error("a recipient's mailbox is full")]
+    MailboxFull,
     #[error("device {0} has no KeyPackage left")]
     NoKeyPackages(Uuid),
     #[error("limit reached: {0}")]
@@ -135,6 +137,9 @@ pub struct SequenceRequest {
     pub kind: EnvelopeKind,
     /// The epoch the MLS message was made for (from its framing).
     pub epoch: u64,
+    /// Application messages are refused when a recipient's mailbox holds this many
+    /// envelopes (handshake messages are never refused: a group must be able to change).
+    pub mailbox_quota: u64,
     pub payload: Vec<u8>,
     /// Commits only: the Welcome for `added_devices`.
     pub welcome: Option<Vec<u8>>,

@@ -424,6 +424,18 @@ async fn sequence_in(
         .copied()
         .filter(|device| *device != request.sender_device)
         .collect();
+    if request.kind == EnvelopeKind::Application {
+        for device in &recipients {
+            let waiting: Option<i64> =
+                sqlx::query_scalar("SELECT n FROM mailbox_counts WHERE device_id = ?")
+                    .bind(device.as_bytes().as_slice())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if waiting.unwrap_or(0).max(0) as u64 >= request.mailbox_quota {
+                return Err(StoreError::MailboxFull);
+            }
+        }
+    }
     let epoch_after = match request.kind {
         EnvelopeKind::Commit => epoch + 1,
         _ => epoch,
@@ -1200,6 +1212,7 @@ mod tests {
                         message_id: Uuid::new_v4(),
                         kind: EnvelopeKind::Application,
                         epoch: if i == 7 { 9 } else { 0 },
+                        mailbox_quota: u64::MAX,
                         payload: i.to_be_bytes().to_vec(),
                         welcome: None,
                         added_devices: Vec::new(),
