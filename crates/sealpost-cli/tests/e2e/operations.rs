@@ -225,3 +225,35 @@ async fn full_mailboxes_refuse_messages_but_not_group_changes() {
     alice.send_group("club", "three").await.unwrap();
     assert_eq!(crate::common::texts(&bob.sync().await.unwrap()), ["three"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_key_packages_fall_back_to_last_resort_and_are_refilled() {
+    let env = Env::new().await;
+    let alice = env.client("alice").await;
+    let bob = env.client("bob").await;
+    // Bob registered with TEST_KEY_PACKAGES one-time packages; use them all and more.
+    let groups = crate::common::TEST_KEY_PACKAGES + 2;
+    for i in 0..groups {
+        alice
+            .create_group(&format!("g{i}"), &["bob".into()])
+            .await
+            .unwrap();
+    }
+    let transport = Transport::new(&env.server.url()).unwrap();
+    transport.set_token(Some(token_of(&env, "bob")));
+    let count = transport.key_package_count().await.unwrap();
+    assert_eq!(count.one_time, 0);
+    assert!(count.last_resort, "the last-resort package must stay");
+    // Bob joins every group (the last-resort package works) and refills at that sync.
+    let joined = bob.sync().await.unwrap();
+    assert_eq!(
+        joined
+            .iter()
+            .filter(|e| e.text.contains("added you to"))
+            .count(),
+        groups,
+        "{joined:?}"
+    );
+    let count = transport.key_package_count().await.unwrap();
+    assert!(count.one_time >= 50, "not refilled: {count:?}");
+}
