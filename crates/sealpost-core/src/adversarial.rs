@@ -18,6 +18,39 @@ use crate::error::CoreError;
 use crate::identity::AccountKey;
 use crate::store::Provider;
 
+/// Makes a device key, a certificate for it (from `certify`) and a KeyPackage carrying
+/// that certificate, in a scratch store.
+fn device_with_key_package(
+    certify: impl FnOnce([u8; 32]) -> DeviceCertificate,
+    last_resort: bool,
+) -> Result<(DeviceCertificate, Vec<u8>), CoreError> {
+    let conn = crate::store::open_in_memory()?;
+    let crypto = RustCrypto::default();
+    let provider = Provider::new(&crypto, &conn);
+    let signer =
+        SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(CoreError::mls)?;
+    let device_key: [u8; 32] = signer
+        .public()
+        .try_into()
+        .map_err(|_| CoreError::Mls("not an Ed25519 key".into()))?;
+    let cert = certify(device_key);
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(cert.encode()).into(),
+        signature_key: device_key.to_vec().into(),
+    };
+    let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
+    if last_resort {
+        builder = builder.mark_as_last_resort();
+    }
+    let bundle = builder
+        .build(CIPHERSUITE, &provider, &signer, credential)
+        .map_err(CoreError::mls)?;
+    let bytes = MlsMessageOut::from(bundle.key_package().clone())
+        .tls_serialize_detached()
+        .map_err(CoreError::mls)?;
+    Ok((cert, bytes))
+}
+
 /// A KeyPackage for a "device of `victim`" whose certificate names the victim's real
 /// account key but is signed by a key the forger made up. Returns the serialized
 /// KeyPackage (as `MlsMessageOut`) and the certificate.
@@ -25,29 +58,15 @@ pub fn forged_key_package(
     victim: &str,
     victim_account_key: [u8; 32],
 ) -> Result<(Vec<u8>, DeviceCertificate), CoreError> {
-    let conn = crate::store::open_in_memory()?;
-    let crypto = RustCrypto::default();
-    let provider = Provider::new(&crypto, &conn);
-    let signer =
-        SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(CoreError::mls)?;
-    let device_key: [u8; 32] = signer
-        .public()
-        .try_into()
-        .map_err(|_| CoreError::Mls("not an Ed25519 key".into()))?;
     let forger = AccountKey::generate();
-    let mut cert = forger.certify(victim, Uuid::new_v4(), device_key);
-    cert.account_key = victim_account_key;
-    let credential = CredentialWithKey {
-        credential: BasicCredential::new(cert.encode()).into(),
-        signature_key: device_key.to_vec().into(),
-    };
-    let bundle = KeyPackage::builder()
-        .leaf_node_capabilities(capabilities())
-        .build(CIPHERSUITE, &provider, &signer, credential)
-        .map_err(CoreError::mls)?;
-    let bytes = MlsMessageOut::from(bundle.key_package().clone())
-        .tls_serialize_detached()
-        .map_err(CoreError::mls)?;
+    let (cert, bytes) = device_with_key_package(
+        |device_key| {
+            let mut cert = forger.certify(victim, Uuid::new_v4(), device_key);
+            cert.account_key = victim_account_key;
+            cert
+        },
+        false,
+    )?;
     Ok((bytes, cert))
 }
 
@@ -55,29 +74,11 @@ pub fn forged_key_package(
 /// about it is valid except that the account key is not the victim's. Returns the
 /// attacker's account public key, the certificate and a KeyPackage.
 pub fn impostor_device(victim: &str) -> Result<([u8; 32], DeviceCertificate, Vec<u8>), CoreError> {
-    let conn = crate::store::open_in_memory()?;
-    let crypto = RustCrypto::default();
-    let provider = Provider::new(&crypto, &conn);
-    let signer =
-        SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(CoreError::mls)?;
-    let device_key: [u8; 32] = signer
-        .public()
-        .try_into()
-        .map_err(|_| CoreError::Mls("not an Ed25519 key".into()))?;
     let attacker = AccountKey::generate();
-    let cert = attacker.certify(victim, Uuid::new_v4(), device_key);
-    let credential = CredentialWithKey {
-        credential: BasicCredential::new(cert.encode()).into(),
-        signature_key: device_key.to_vec().into(),
-    };
-    let bundle = KeyPackage::builder()
-        .leaf_node_capabilities(capabilities())
-        .mark_as_last_resort()
-        .build(CIPHERSUITE, &provider, &signer, credential)
-        .map_err(CoreError::mls)?;
-    let bytes = MlsMessageOut::from(bundle.key_package().clone())
-        .tls_serialize_detached()
-        .map_err(CoreError::mls)?;
+    let (cert, bytes) = device_with_key_package(
+        |device_key| attacker.certify(victim, Uuid::new_v4(), device_key),
+        true,
+    )?;
     Ok((attacker.public(), cert, bytes))
 }
 

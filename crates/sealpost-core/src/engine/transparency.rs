@@ -89,10 +89,22 @@ pub(crate) fn observe_root(
         }
         return Ok(hash);
     }
+    record_root_hash(tx, root.epoch, &hash, now)?;
+    Ok(hash)
+}
+
+/// Stores the root hash of an epoch; a different hash than one already seen for the same
+/// epoch means the server signed two directories: an alert and an error.
+fn record_root_hash(
+    tx: &Transaction<'_>,
+    epoch: u64,
+    hash: &[u8; 32],
+    now: i64,
+) -> Result<(), CoreError> {
     let known: Option<Vec<u8>> = tx
         .query_row(
             "SELECT root_hash FROM kt_roots WHERE epoch = ?",
-            [root.epoch as i64],
+            [epoch as i64],
             |row| row.get(0),
         )
         .optional()?;
@@ -100,26 +112,24 @@ pub(crate) fn observe_root(
         Some(existing) if existing != hash => {
             alert(
                 tx,
-                &format!("fork:{}", root.epoch),
+                &format!("fork:{epoch}"),
                 &format!(
-                    "the server signed two different key directories for epoch {}: it may be \
-                     showing people different keys",
-                    root.epoch
+                    "the server signed two different key directories for epoch {epoch}: it may \
+                     be showing people different keys"
                 ),
                 now,
             )?;
             Err(CoreError::Transparency(format!(
-                "two different directory roots for epoch {}",
-                root.epoch
+                "two different directory roots for epoch {epoch}"
             )))
         }
-        Some(_) => Ok(hash),
+        Some(_) => Ok(()),
         None => {
             tx.execute(
                 "INSERT INTO kt_roots (epoch, root_hash) VALUES (?, ?)",
-                params![root.epoch as i64, hash.as_slice()],
+                params![epoch as i64, hash.as_slice()],
             )?;
-            Ok(hash)
+            Ok(())
         }
     }
 }
@@ -239,38 +249,7 @@ impl Engine {
     ) -> Result<(), CoreError> {
         self.transact(|_, tx, _| {
             let hash = verify_root(&kt_keys(tx)?, root)?;
-            let known: Option<Vec<u8>> = tx
-                .query_row(
-                    "SELECT root_hash FROM kt_roots WHERE epoch = ?",
-                    [root.epoch as i64],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            match known {
-                Some(existing) if existing != hash => {
-                    alert(
-                        tx,
-                        &format!("fork:{}", root.epoch),
-                        &format!(
-                            "the server signed two different key directories for epoch {}",
-                            root.epoch
-                        ),
-                        now,
-                    )?;
-                    Err(CoreError::Transparency(format!(
-                        "two different directory roots for epoch {}",
-                        root.epoch
-                    )))
-                }
-                Some(_) => Ok(()),
-                None => {
-                    tx.execute(
-                        "INSERT INTO kt_roots (epoch, root_hash) VALUES (?, ?)",
-                        params![root.epoch as i64, hash.as_slice()],
-                    )?;
-                    Ok(())
-                }
-            }
+            record_root_hash(tx, root.epoch, &hash, now)
         })
     }
 
