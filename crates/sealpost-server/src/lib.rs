@@ -98,29 +98,86 @@ pub async fn run(
     let publisher = tokio::spawn(run_kt_publisher(state.clone()));
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let ready = state.ready.clone();
+    let header_timeout = state.config.limits.header_read_timeout;
     let app = api::router(state);
-    let stop = cancel.clone();
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let stop = cancel.clone();
+    accept_loop(listener, app, header_timeout, async move {
         tokio::select! {
             () = shutdown => {}
             () = stop.cancelled() => {}
         }
-        // Stop taking new work: load balancers see /readyz fail while requests drain.
+        // Stop taking new work: load balancers see /readyz fail while requests drain, and
+        // WebSockets close.
         ready.store(false, std::sync::atomic::Ordering::SeqCst);
         stop.cancel();
     })
-    .await?;
+    .await;
     cancel.cancel();
     let _ = expiry.await;
     let _ = publisher.await;
     sqlite.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves HTTP/1 and HTTP/2 connections until `shutdown` resolves, then lets open
+/// connections finish (WebSockets are closed by the shutdown token) for up to 10 s.
+///
+/// Written out instead of `axum::serve` for one reason: a client that sends request headers
+/// slowly (slowloris) must be cut off, and that needs hyper's header-read timeout, which
+/// `axum::serve` does not configure.
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: std::time::Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use tower::ServiceExt as _;
+
+    let mut make_service = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(service) = tower::Service::call(&mut make_service, peer).await;
+        let hyper_service =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                service.clone().oneshot(request)
+            });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(std::time::Duration::from_secs(10)) => {
+            tracing::warn!("connections still open after 10 s; closing");
+        }
+    }
 }
 
 async fn run_expiry(state: api::AppState) {

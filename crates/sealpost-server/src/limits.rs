@@ -34,6 +34,8 @@ pub struct Limits {
     pub sockets_per_account: usize,
     /// How long one request may take, reading its body included (slow clients).
     pub request_timeout: Duration,
+    /// How long a client may take to send a request's headers (slowloris).
+    pub header_read_timeout: Duration,
     /// Envelopes one device's mailbox may hold before application messages to it are
     /// refused (`507 mailbox_full`).
     pub mailbox_quota: u64,
@@ -50,6 +52,7 @@ impl Default for Limits {
             claims_burst: 60,
             sockets_per_account: 32,
             request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
             mailbox_quota: 100_000,
         }
     }

@@ -257,3 +257,67 @@ async fn exhausted_key_packages_fall_back_to_last_resort_and_are_refilled() {
     let count = transport.key_package_count().await.unwrap();
     assert!(count.one_time >= 50, "not refilled: {count:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_headers_are_cut_off() {
+    let env = Env::with_config(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
+    let addr = env.server.addr;
+    let started = Instant::now();
+    let closed_after = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        // Headers that never end.
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buffer = Vec::new();
+        let _ = stream.read_to_end(&mut buffer);
+        started.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(
+        closed_after < Duration::from_secs(5),
+        "still open after {closed_after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_websocket_frames_close_the_socket() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let env = Env::new().await;
+    env.client("alice").await;
+    let transport = Transport::new(&env.server.url()).unwrap();
+    transport.set_token(Some(token_of(&env, "alice")));
+    let mut socket = transport.connect_socket().await.unwrap();
+    let _ = socket.next().await; // the first mailbox_ready event
+    let big = "x".repeat(64 * 1024);
+    let _ = socket
+        .send(tokio_tungstenite::tungstenite::Message::Text(big.into()))
+        .await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match socket.next().await {
+                None
+                | Some(Err(_))
+                | Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => {
+                    return true;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(closed, "the server kept a socket that sent a 64 KiB frame");
+    // The server is fine.
+    let http = reqwest::Client::new();
+    let response = http
+        .get(format!("{}/healthz", env.server.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
