@@ -60,12 +60,17 @@ pub async fn open_state(config: Config) -> Result<api::AppState, ServerError> {
     let kt = Arc::new(
         kt::KeyTransparency::open(&config.data_dir, store.clone(), store.akd_storage()).await?,
     );
+    let metrics = Arc::new(metrics::Metrics::default());
+    let observed = metrics.clone();
+    store
+        .batch_stats()
+        .observe(move |size| observed.write_batch_size.observe(size as f64));
     Ok(api::AppState {
         sqlite: store.clone(),
         store,
         kt,
         notifier: notify::Notifier::default(),
-        metrics: Arc::new(metrics::Metrics::default()),
+        metrics,
         rate_limits: Arc::new(limits::RateLimits::new(&config.limits)),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         config: Arc::new(config),

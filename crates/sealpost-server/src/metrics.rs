@@ -39,6 +39,8 @@ pub struct Metrics {
     /// Requests per write transaction of the group-commit writer (sampled at each scrape).
     pub write_batches: Counter,
     pub batched_requests: Counter,
+    /// Sequenced messages per write transaction of the group-commit writer.
+    pub write_batch_size: Histogram,
     /// Request latency by route template and status.
     pub request_seconds: Family<RouteLabel, Histogram>,
 }
@@ -52,6 +54,7 @@ impl Default for Metrics {
         let mailbox_depth = Gauge::default();
         let write_batches = Counter::default();
         let batched_requests = Counter::default();
+        let write_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
         let request_seconds = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
         });
@@ -86,6 +89,11 @@ impl Default for Metrics {
             batched_requests.clone(),
         );
         registry.register(
+            "write_batch_size",
+            "Messages per write transaction",
+            write_batch_size.clone(),
+        );
+        registry.register(
             "request_seconds",
             "Request latency by route",
             request_seconds.clone(),
@@ -98,6 +106,7 @@ impl Default for Metrics {
             mailbox_depth,
             write_batches,
             batched_requests,
+            write_batch_size,
             request_seconds,
         }
     }

@@ -52,12 +52,30 @@ type Job = (
 const MAX_BATCH: usize = 256;
 
 /// Counters of the group-commit writer.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct BatchStats {
     /// Transactions committed.
     pub batches: AtomicU64,
     /// Requests they carried.
     pub requests: AtomicU64,
+    /// Called with the size of every committed batch (metrics).
+    observer: std::sync::OnceLock<Box<dyn Fn(usize) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for BatchStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchStats")
+            .field("batches", &self.batches)
+            .field("requests", &self.requests)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchStats {
+    /// Registers the function told the size of every committed batch (once).
+    pub fn observe(&self, observer: impl Fn(usize) + Send + Sync + 'static) {
+        let _ = self.observer.set(Box::new(observer));
+    }
 }
 
 impl SqliteStore {
@@ -321,6 +339,9 @@ async fn run_batcher(writer: SqlitePool, mut jobs: mpsc::Receiver<Job>, stats: A
         stats
             .requests
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if let Some(observe) = stats.observer.get() {
+            observe(batch.len());
+        }
         for ((_, answer), result) in batch.into_iter().zip(results) {
             let _ = answer.send(result);
         }
