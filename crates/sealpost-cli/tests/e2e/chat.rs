@@ -1,6 +1,6 @@
 //! 1:1 and group conversations through the CLI, and removal through the library.
 
-use crate::common::{Env, copy_dir, failures, texts};
+use crate::common::{Env, copy_dir, failures, peek_application, texts};
 use sealpost_core::Client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,13 +176,7 @@ async fn removed_member_receives_nothing_and_cannot_decrypt_later_messages() {
     assert!(carol.send_group("club", "still here?").await.is_err());
 
     // Fed the raw later ciphertext, her keys from before the removal do not decrypt it.
-    let raw = alice
-        .peek_mailbox()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|e| e.kind == sealpost_proto::api::EnvelopeKind::Application)
-        .expect("bob's later message is in alice's mailbox");
+    let raw = peek_application(&alice).await;
     let old_carol = Client::open(&snapshot).unwrap();
     let result = old_carol.process_raw(&raw).unwrap();
     assert!(texts(&result).is_empty(), "{result:?}");

@@ -172,3 +172,23 @@ pub fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+/// Unix seconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The first application message waiting in `client`'s mailbox, left there (not
+/// processed, not acknowledged): the raw ciphertext a server would deliver.
+pub async fn peek_application(client: &Client) -> sealpost_proto::api::Envelope {
+    client
+        .peek_mailbox()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == sealpost_proto::api::EnvelopeKind::Application)
+        .expect("an application message is waiting")
+}

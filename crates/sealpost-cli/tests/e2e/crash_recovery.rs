@@ -6,14 +6,7 @@ use sealpost_core::Client;
 use sealpost_core::engine::Engine;
 use sealpost_core::transport::Transport;
 
-use crate::common::{Env, failures, texts};
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
+use crate::common::{Env, failures, now, texts};
 
 /// Opens alice's engine and an authenticated transport, as her client would.
 fn raw_device(env: &Env, name: &str) -> (Engine, Transport) {

@@ -5,16 +5,9 @@ use sealpost_core::engine::Engine;
 use sealpost_core::transport::Transport;
 use sealpost_core::{Client, CoreError};
 use sealpost_proto::Bytes64;
-use sealpost_proto::api::{ClaimKeyPackagesResponse, ClaimedKeyPackage, EnvelopeKind};
+use sealpost_proto::api::{ClaimKeyPackagesResponse, ClaimedKeyPackage};
 
-use crate::common::{Env, TEST_KEY_PACKAGES, copy_dir, failures, texts};
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
+use crate::common::{Env, TEST_KEY_PACKAGES, copy_dir, failures, now, peek_application, texts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linked_device_takes_part_in_every_conversation() {
@@ -25,13 +18,7 @@ async fn linked_device_takes_part_in_every_conversation() {
     alice.create_group("club", &["bob".into()]).await.unwrap();
     bob.sync().await.unwrap();
     bob.send_group("club", "before the link").await.unwrap();
-    let before = alice
-        .peek_mailbox()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|e| e.kind == EnvelopeKind::Application)
-        .unwrap();
+    let before = peek_application(&alice).await;
 
     let phone = env.link_device(&alice, "alice-phone").await;
     assert_eq!(phone.whoami().unwrap().username, "alice");
@@ -130,13 +117,7 @@ async fn removed_device_is_locked_out_and_decrypts_nothing_later() {
 
     // Later messages do not open with the removed device's keys.
     bob.send_group("club", "after the removal").await.unwrap();
-    let raw = alice
-        .peek_mailbox()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|e| e.kind == EnvelopeKind::Application)
-        .unwrap();
+    let raw = peek_application(&alice).await;
     let old_phone = Client::open(&snapshot).unwrap();
     let result = old_phone.process_raw(&raw).unwrap();
     assert!(texts(&result).is_empty(), "{result:?}");

@@ -9,7 +9,7 @@ use sealpost_proto::kt::DirectoryEntry;
 use sealpost_server::store::{DeviceRecord, SequenceRequest};
 use uuid::Uuid;
 
-use crate::common::{Env, failures, texts};
+use crate::common::{Env, failures, peek_application, texts};
 
 fn alerts_contain(alerts: &[sealpost_core::HistoryEntry], needle: &str) -> bool {
     alerts.iter().any(|a| a.text.contains(needle))
@@ -275,13 +275,7 @@ async fn replayed_reordered_and_altered_messages_are_caught() {
 
     // Replay: the server delivers a message again, as if new.
     bob.send_group("club", "one").await.unwrap();
-    let original = alice
-        .peek_mailbox()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|e| e.kind == EnvelopeKind::Application)
-        .unwrap();
+    let original = peek_application(&alice).await;
     assert_eq!(texts(&alice.sync().await.unwrap()), ["one"]);
     let epoch = state.store.group(&club).await.unwrap().unwrap().epoch;
     let replay = |group_id: &str, payload: &[u8], epoch: u64| SequenceRequest {
