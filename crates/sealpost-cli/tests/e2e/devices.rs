@@ -9,6 +9,14 @@ use sealpost_proto::api::{ClaimKeyPackagesResponse, ClaimedKeyPackage};
 
 use crate::common::{Env, TEST_KEY_PACKAGES, copy_dir, failures, now, peek_application, texts};
 
+/// Tries to link a device with `code` and returns the error it must fail with.
+async fn failed_link(home: &std::path::Path, code: &str, url: &str) -> CoreError {
+    match Client::link(home, code, url, "x", TEST_KEY_PACKAGES).await {
+        Ok(_) => panic!("linking with {code:?} succeeded"),
+        Err(err) => err,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linked_device_takes_part_in_every_conversation() {
     let env = Env::new().await;
@@ -211,10 +219,7 @@ async fn link_codes_are_single_use_expire_and_resist_guessing() {
     let wrong: String = wrong.into_iter().collect();
     for attempt in 0..5 {
         let home = env.home(&format!("guess{attempt}"));
-        let err = Client::link(&home, &wrong, &url, "x", TEST_KEY_PACKAGES)
-            .await
-            .err()
-            .unwrap();
+        let err = failed_link(&home, &wrong, &url).await;
         let text = err.to_string();
         if attempt < 4 {
             assert!(text.contains("does not match"), "{attempt}: {text}");
@@ -222,10 +227,7 @@ async fn link_codes_are_single_use_expire_and_resist_guessing() {
             assert!(text.contains("unknown, expired or already used"), "{text}");
         }
     }
-    let err = Client::link(&env.home("late"), &right, &url, "x", TEST_KEY_PACKAGES)
-        .await
-        .err()
-        .unwrap();
+    let err = failed_link(&env.home("late"), &right, &url).await;
     assert!(
         err.to_string().contains("unknown, expired or already used"),
         "{err}"
@@ -240,16 +242,7 @@ async fn link_codes_are_single_use_expire_and_resist_guessing() {
     );
     linked.unwrap();
     phone.unwrap();
-    let err = Client::link(
-        &env.home("again"),
-        &code.display(),
-        &url,
-        "x",
-        TEST_KEY_PACKAGES,
-    )
-    .await
-    .err()
-    .unwrap();
+    let err = failed_link(&env.home("again"), &code.display(), &url).await;
     assert!(
         err.to_string().contains("unknown, expired or already used"),
         "{err}"
@@ -257,16 +250,7 @@ async fn link_codes_are_single_use_expire_and_resist_guessing() {
     assert_eq!(alice.devices().await.unwrap().len(), 2);
 
     // Garbage is not a code.
-    let err = Client::link(
-        &env.home("garbage"),
-        "not-a-code",
-        &url,
-        "x",
-        TEST_KEY_PACKAGES,
-    )
-    .await
-    .err()
-    .unwrap();
+    let err = failed_link(&env.home("garbage"), "not-a-code", &url).await;
     assert!(err.to_string().contains("not a valid link code"), "{err}");
 }
 
@@ -275,16 +259,7 @@ async fn expired_link_code_fails_clearly() {
     let env = Env::with_config(|config| config.link_ttl = std::time::Duration::ZERO).await;
     let alice = env.client("alice").await;
     let code = alice.create_link().await.unwrap();
-    let err = Client::link(
-        &env.home("late"),
-        &code.display(),
-        &env.server.url(),
-        "x",
-        TEST_KEY_PACKAGES,
-    )
-    .await
-    .err()
-    .unwrap();
+    let err = failed_link(&env.home("late"), &code.display(), &env.server.url()).await;
     assert!(
         err.to_string().contains("unknown, expired or already used"),
         "{err}"
