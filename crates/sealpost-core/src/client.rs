@@ -1254,6 +1254,33 @@ impl Client {
         self.authed(|| self.transport.delete_account()).await
     }
 
+    /// Opens a push-mode WebSocket for this device (logging in first if needed).
+    pub async fn connect_push(&self) -> Result<crate::transport::PushConnection, CoreError> {
+        self.authed(|| self.transport.connect_push()).await
+    }
+
+    /// Encrypts texts for a conversation without sending them, in one transaction. They
+    /// wait in the outbox (and are sent by the next sync) until [`Client::mark_sent`]; a
+    /// caller with its own socket, such as a load generator, sends them itself.
+    pub fn prepare_texts(
+        &self,
+        name: &str,
+        texts: &[String],
+    ) -> Result<Vec<crate::engine::conversations::OutgoingMessage>, CoreError> {
+        let conversation = self.engine()?.find_conversation(name)?;
+        if conversation.status != "active" {
+            return Err(CoreError::NotActive(conversation.name));
+        }
+        let texts: Vec<(&str, Option<Uuid>)> = texts.iter().map(|t| (t.as_str(), None)).collect();
+        self.engine()?
+            .encrypt_texts(&conversation.group_id, &texts, now_ms())
+    }
+
+    /// The server accepted these prepared messages: take them out of the outbox.
+    pub fn mark_sent(&self, message_ids: &[Uuid]) -> Result<(), CoreError> {
+        self.engine()?.messages_accepted(message_ids)
+    }
+
     /// Processes one envelope as if the server had delivered it (tests, diagnostics).
     pub fn process_raw(
         &self,

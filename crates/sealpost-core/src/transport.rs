@@ -21,9 +21,11 @@ use sealpost_proto::api::{
 use sealpost_proto::kt::{
     AuditResponse, HistoryResponse, KtKeysResponse, LookupEnvelope, RootsResponse, SignedRoot,
 };
+use sealpost_proto::ws::{ClientFrame, ServerFrame};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -434,10 +436,22 @@ impl Transport {
         .await
     }
 
-    /// Opens the device WebSocket.
+    /// Opens the device WebSocket in wake mode (events only; mail is fetched over HTTP).
     pub async fn connect_socket(&self) -> Result<DeviceSocket, CoreError> {
+        self.open_socket("").await
+    }
+
+    /// Opens the device WebSocket in push mode: envelopes, acknowledgements and sends all
+    /// travel on it (see `sealpost_proto::ws`).
+    pub async fn connect_push(&self) -> Result<PushConnection, CoreError> {
+        Ok(PushConnection {
+            socket: self.open_socket("?mode=push").await?,
+        })
+    }
+
+    async fn open_socket(&self, query: &str) -> Result<DeviceSocket, CoreError> {
         let url = format!(
-            "{}/v1/ws",
+            "{}/v1/ws{query}",
             self.base
                 .replacen("https://", "wss://", 1)
                 .replacen("http://", "ws://", 1)
@@ -464,6 +478,86 @@ impl Transport {
                 url: self.base.clone(),
                 reason: e.to_string(),
             }),
+        }
+    }
+}
+
+/// A push-mode device WebSocket (see `sealpost_proto::ws`). [`PushConnection::split`]
+/// gives halves that a sender and a receiver task can use at once.
+pub struct PushConnection {
+    socket: DeviceSocket,
+}
+
+/// The sending half of a [`PushConnection`].
+pub struct PushSender {
+    sink: futures_util::stream::SplitSink<DeviceSocket, WsMessage>,
+}
+
+/// The receiving half of a [`PushConnection`].
+pub struct PushReceiver {
+    stream: futures_util::stream::SplitStream<DeviceSocket>,
+}
+
+fn socket_lost(err: impl std::fmt::Display) -> CoreError {
+    CoreError::Unreachable {
+        url: "the device WebSocket".into(),
+        reason: err.to_string(),
+    }
+}
+
+impl PushConnection {
+    /// Splits the connection into a sending and a receiving half.
+    pub fn split(self) -> (PushSender, PushReceiver) {
+        use futures_util::StreamExt as _;
+        let (sink, stream) = self.socket.split();
+        (PushSender { sink }, PushReceiver { stream })
+    }
+}
+
+impl PushSender {
+    /// Queues a frame without flushing; call [`PushSender::flush`] after a burst.
+    pub async fn feed(&mut self, frame: &ClientFrame) -> Result<(), CoreError> {
+        use futures_util::SinkExt as _;
+        let text = serde_json::to_string(frame).map_err(|e| CoreError::Codec(e.to_string()))?;
+        self.sink
+            .feed(WsMessage::Text(text.into()))
+            .await
+            .map_err(socket_lost)
+    }
+
+    /// Sends a frame now.
+    pub async fn send(&mut self, frame: &ClientFrame) -> Result<(), CoreError> {
+        self.feed(frame).await?;
+        self.flush().await
+    }
+
+    pub async fn flush(&mut self) -> Result<(), CoreError> {
+        use futures_util::SinkExt as _;
+        self.sink.flush().await.map_err(socket_lost)
+    }
+
+    /// Closes the socket politely.
+    pub async fn close(&mut self) -> Result<(), CoreError> {
+        use futures_util::SinkExt as _;
+        self.sink.close().await.map_err(socket_lost)
+    }
+}
+
+impl PushReceiver {
+    /// The next server frame; `None` once the server closed the socket.
+    pub async fn next(&mut self) -> Result<Option<ServerFrame>, CoreError> {
+        use futures_util::StreamExt as _;
+        loop {
+            match self.stream.next().await {
+                None | Some(Ok(WsMessage::Close(_))) => return Ok(None),
+                Some(Ok(WsMessage::Text(text))) => {
+                    return serde_json::from_str(text.as_str())
+                        .map(Some)
+                        .map_err(|e| CoreError::Codec(format!("bad server frame: {e}")));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(socket_lost(err)),
+            }
         }
     }
 }

@@ -37,6 +37,14 @@ pub const DEVICES_PER_COMMIT: usize = 2_000;
 pub const MAILBOX_FETCH_MAX: usize = 500;
 /// Envelope ids in one acknowledgement.
 pub const ACK_MAX_IDS: usize = 1_000;
+/// One inbound WebSocket frame: room for an application message, base64-inflated, and
+/// its JSON framing, or an acknowledgement of [`ACK_MAX_IDS`] ids.
+pub const WS_INBOUND_FRAME_MAX_BYTES: usize = APPLICATION_MESSAGE_MAX_BYTES * 4 / 3 + 4 * 1024;
+/// Application messages one push-mode socket may have waiting to be sequenced; the server
+/// stops reading the socket until answers are out.
+pub const WS_SENDS_IN_FLIGHT: usize = 256;
+/// Envelopes in one pushed frame.
+pub const WS_ENVELOPES_PER_FRAME: usize = 64;
 
 /// Body cap for ordinary JSON endpoints.
 pub const SMALL_BODY_MAX_BYTES: usize = 256 * 1024;

@@ -36,6 +36,13 @@ impl ApiError {
         self.code
     }
 
+    /// The error as carried in a body or a WebSocket frame.
+    pub fn detail(self) -> sealpost_proto::ErrorDetail {
+        let mut body = ErrorBody::new(self.code, self.message);
+        body.error.current_epoch = self.current_epoch;
+        body.error
+    }
+
     /// A server fault: logged with its cause, answered with a generic message.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -47,9 +54,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut body = ErrorBody::new(self.code, self.message);
-        body.error.current_epoch = self.current_epoch;
-        (status, Json(body)).into_response()
+        (
+            status,
+            Json(ErrorBody {
+                error: self.detail(),
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -102,6 +113,7 @@ impl From<StoreError> for ApiError {
             StoreError::LimitExceeded(what) => Self::new(ErrorCode::LimitExceeded, what),
             StoreError::Invalid(what) => Self::bad_request(what),
             err @ (StoreError::Backend(_)
+            | StoreError::Sqlite(_)
             | StoreError::Migration(_)
             | StoreError::CommitFailed(_)) => Self::internal(&err),
         }

@@ -65,11 +65,14 @@ pub async fn open_state(config: Config) -> Result<api::AppState, ServerError> {
     store
         .batch_stats()
         .observe(move |size| observed.write_batch_size.observe(size as f64));
+    let notifier = notify::Notifier::default();
+    let delivering = notifier.clone();
+    store.on_deliveries(move |deliveries| delivering.deliver(deliveries));
     Ok(api::AppState {
         sqlite: store.clone(),
         store,
         kt,
-        notifier: notify::Notifier::default(),
+        notifier,
         metrics,
         rate_limits: Arc::new(limits::RateLimits::new(&config.limits)),
         ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub messages_in: Family<KindLabel, Counter>,
     /// Envelopes handed to devices in mailbox fetches.
     pub envelopes_out: Counter,
+    /// Times a push-mode socket's queue overflowed and the socket re-read the mailbox.
+    pub push_overflows: Counter,
     /// Envelopes waiting in all mailboxes (sampled at each scrape).
     pub mailbox_depth: Gauge,
     /// Requests per write transaction of the group-commit writer (sampled at each scrape).
@@ -51,6 +53,7 @@ impl Default for Metrics {
         let websockets = Gauge::default();
         let messages_in = Family::<KindLabel, Counter>::default();
         let envelopes_out = Counter::default();
+        let push_overflows = Counter::default();
         let mailbox_depth = Gauge::default();
         let write_batches = Counter::default();
         let batched_requests = Counter::default();
@@ -72,6 +75,11 @@ impl Default for Metrics {
             "envelopes_out",
             "Envelopes handed to devices",
             envelopes_out.clone(),
+        );
+        registry.register(
+            "push_overflows",
+            "Push-socket queue overflows (the socket re-read the mailbox)",
+            push_overflows.clone(),
         );
         registry.register(
             "mailbox_depth",
@@ -103,6 +111,7 @@ impl Default for Metrics {
             websockets,
             messages_in,
             envelopes_out,
+            push_overflows,
             mailbox_depth,
             write_batches,
             batched_requests,

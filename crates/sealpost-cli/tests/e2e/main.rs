@@ -15,4 +15,5 @@ mod malicious_server;
 mod offline;
 mod operations;
 mod property;
+mod push;
 mod safety;

@@ -661,14 +661,30 @@ impl Engine {
         message_id: Option<Uuid>,
         now_ms: i64,
     ) -> Result<OutgoingMessage, CoreError> {
-        if text.trim().is_empty() {
-            return Err(CoreError::InvalidInput("the message is empty".into()));
-        }
-        if text.len() > limits::TEXT_MAX_BYTES {
-            return Err(CoreError::InvalidInput(format!(
-                "the message is longer than {} bytes",
-                limits::TEXT_MAX_BYTES
-            )));
+        let mut sent = self.encrypt_texts(group_id, &[(text, message_id)], now_ms)?;
+        sent.pop()
+            .ok_or_else(|| CoreError::Codec("no message was encrypted".into()))
+    }
+
+    /// Encrypts several texts for a conversation in one transaction (one disk flush), in
+    /// order; each is in history and in the outbox when this returns. Each text may reuse
+    /// a message id as in [`Engine::encrypt_text`].
+    pub fn encrypt_texts(
+        &mut self,
+        group_id: &str,
+        texts: &[(&str, Option<Uuid>)],
+        now_ms: i64,
+    ) -> Result<Vec<OutgoingMessage>, CoreError> {
+        for (text, _) in texts {
+            if text.trim().is_empty() {
+                return Err(CoreError::InvalidInput("the message is empty".into()));
+            }
+            if text.len() > limits::TEXT_MAX_BYTES {
+                return Err(CoreError::InvalidInput(format!(
+                    "the message is longer than {} bytes",
+                    limits::TEXT_MAX_BYTES
+                )));
+            }
         }
         self.transact(|provider, tx, identity| {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
@@ -693,44 +709,66 @@ impl Engine {
             if !blocked.is_empty() {
                 return Err(key_change_error(&blocked));
             }
-            let id = message_id.unwrap_or_else(Uuid::new_v4);
-            let payload = AppMessage::text(id, now_ms, text.to_owned()).encode()?;
             // Gossip our newest directory root to the other members.
-            if let Some(gossip) = current_gossip(tx)? {
-                group.set_aad(gossip.encode()?);
-            }
-            let ciphertext = group
-                .create_message(provider, &identity.signer, &payload)
-                .map_err(CoreError::mls)?;
-            let outgoing = OutgoingMessage {
-                group_id: group_id.to_owned(),
-                request: PostMessageRequest {
-                    message_id: id,
-                    message: Bytes64(tls_bytes(&ciphertext)?),
-                },
-            };
+            let gossip = current_gossip(tx)?.map(|g| g.encode()).transpose()?;
             let now = now_ms / 1000;
-            insert_outbox(tx, &Outgoing::Message(outgoing.clone()), group_id, Some(text), now)?;
-            tx.execute(
-                "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, text, \
-                 sent_at_ms, received_at, outgoing, shown) VALUES (?, ?, ?, ?, 'text', ?, ?, ?, 1, 1)",
-                params![
-                    id.to_string(),
+            let mut sent = Vec::with_capacity(texts.len());
+            for (text, message_id) in texts {
+                let id = message_id.unwrap_or_else(Uuid::new_v4);
+                let payload = AppMessage::text(id, now_ms, (*text).to_owned()).encode()?;
+                if let Some(gossip) = &gossip {
+                    group.set_aad(gossip.clone());
+                }
+                let ciphertext = group
+                    .create_message(provider, &identity.signer, &payload)
+                    .map_err(CoreError::mls)?;
+                let outgoing = OutgoingMessage {
+                    group_id: group_id.to_owned(),
+                    request: PostMessageRequest {
+                        message_id: id,
+                        message: Bytes64(tls_bytes(&ciphertext)?),
+                    },
+                };
+                insert_outbox(
+                    tx,
+                    &Outgoing::Message(outgoing.clone()),
                     group_id,
-                    identity.username,
-                    identity.device_id.to_string(),
-                    text,
-                    now_ms,
-                    now
-                ],
-            )?;
-            Ok(outgoing)
+                    Some(text),
+                    now,
+                )?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, \
+                     text, sent_at_ms, received_at, outgoing, shown) \
+                     VALUES (?, ?, ?, ?, 'text', ?, ?, ?, 1, 1)",
+                    params![
+                        id.to_string(),
+                        group_id,
+                        identity.username,
+                        identity.device_id.to_string(),
+                        text,
+                        now_ms,
+                        now
+                    ],
+                )?;
+                sent.push(outgoing);
+            }
+            Ok(sent)
         })
     }
 
     /// The server stored the message for every recipient.
     pub fn message_accepted(&mut self, message_id: Uuid) -> Result<(), CoreError> {
-        self.transact(|_, tx, _| delete_outbox(tx, message_id))
+        self.messages_accepted(&[message_id])
+    }
+
+    /// The server stored these messages for every recipient (one transaction).
+    pub fn messages_accepted(&mut self, message_ids: &[Uuid]) -> Result<(), CoreError> {
+        self.transact(|_, tx, _| {
+            for id in message_ids {
+                delete_outbox(tx, *id)?;
+            }
+            Ok(())
+        })
     }
 
     /// The message was for a stale epoch: drop its ciphertext and return its text, to be

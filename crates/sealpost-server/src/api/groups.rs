@@ -74,25 +74,45 @@ pub async fn state(
     Ok(state_response(group))
 }
 
-/// Stores a sequenced message for every recipient, then wakes them.
+/// Stores a sequenced message for every recipient (the store hands it to their sockets).
 async fn sequence(
     state: &AppState,
     request: SequenceRequest,
 ) -> Result<Json<SequencedResponse>, ApiError> {
+    Ok(Json(sequence_and_deliver(state, request).await?))
+}
+
+/// [`sequence`] without the HTTP wrapping.
+pub(super) async fn sequence_and_deliver(
+    state: &AppState,
+    request: SequenceRequest,
+) -> Result<SequencedResponse, ApiError> {
+    queue(state, request).await?.await
+}
+
+/// Queues a request for sequencing now and returns the future of the answer: requests
+/// queued one after the other are sequenced in that order (a socket's sends).
+pub(super) async fn queue(
+    state: &AppState,
+    request: SequenceRequest,
+) -> Result<impl Future<Output = Result<SequencedResponse, ApiError>> + Send + 'static, ApiError> {
     let kind = match request.kind {
         EnvelopeKind::Commit => "commit",
         EnvelopeKind::Proposal => "proposal",
         EnvelopeKind::Application => "application",
         EnvelopeKind::Welcome => "welcome",
     };
-    let outcome = state.store.sequence(request).await?;
-    state
-        .metrics
-        .messages_in
-        .get_or_create(&crate::metrics::KindLabel { kind })
-        .inc();
-    state.notifier.wake(&outcome.recipients);
-    Ok(Json(outcome.response))
+    let ticket = state.store.queue_sequence(request).await?;
+    let metrics = state.metrics.clone();
+    Ok(async move {
+        let outcome = ticket.await?;
+        metrics
+            .messages_in
+            .get_or_create(&crate::metrics::KindLabel { kind })
+            .inc();
+        // The store already handed the deliveries to the sockets, in mailbox order.
+        Ok(outcome.response)
+    })
 }
 
 fn new_request(
@@ -215,22 +235,40 @@ pub async fn message(
     Path(group_id): Path<String>,
     ApiJson(request): ApiJson<PostMessageRequest>,
 ) -> Result<Json<SequencedResponse>, ApiError> {
+    let request = application_request(
+        &state,
+        device.device_id,
+        group_id,
+        request.message_id,
+        request.message.into_inner(),
+    )?;
+    sequence(&state, request).await
+}
+
+/// Checks an application message (size, MLS framing, group) and makes its sequencing
+/// request; shared by `POST /v1/groups/{id}/messages` and push-mode WebSocket sends.
+pub(super) fn application_request(
+    state: &AppState,
+    sender: Uuid,
+    group_id: String,
+    message_id: Uuid,
+    message: Vec<u8>,
+) -> Result<SequenceRequest, ApiError> {
     let raw_group = group_id_bytes(&group_id)?;
-    if request.message.len() > limits::APPLICATION_MESSAGE_MAX_BYTES {
+    if message.len() > limits::APPLICATION_MESSAGE_MAX_BYTES {
         return Err(too_large(
             "the message",
             limits::APPLICATION_MESSAGE_MAX_BYTES,
         ));
     }
-    let epoch = mls::inspect(request.message.as_ref(), Expected::Application, &raw_group)?;
-    let sequence_request = new_request(
-        &state,
+    let epoch = mls::inspect(&message, Expected::Application, &raw_group)?;
+    Ok(new_request(
+        state,
         group_id,
-        device.device_id,
-        request.message_id,
+        sender,
+        message_id,
         EnvelopeKind::Application,
         epoch,
-        request.message.into_inner(),
-    );
-    sequence(&state, sequence_request).await
+        message,
+    ))
 }

@@ -18,15 +18,25 @@ pub async fn fetch(
         .limit
         .unwrap_or(limits::MAILBOX_FETCH_MAX)
         .clamp(1, limits::MAILBOX_FETCH_MAX);
-    #[allow(unused_mut)]
     let (mut envelopes, more) = state.store.fetch_mailbox(device.device_id, limit).await?;
+    outgoing(&state, device.device_id, &mut envelopes);
+    Ok(Json(MailboxResponse { envelopes, more }))
+}
+
+/// Every envelope leaving the server passes here, fetched or pushed: it is counted, and a
+/// test build's malicious server may tamper with it.
+pub(super) fn outgoing(
+    state: &AppState,
+    #[allow(unused_variables)] device: uuid::Uuid,
+    #[allow(unused_variables)] envelopes: &mut [sealpost_proto::api::Envelope],
+) {
     #[cfg(feature = "adversarial")]
     if let Ok(tamper) = state.tamper.lock() {
-        if tamper.reverse_mailbox_for == Some(device.device_id) {
+        if tamper.reverse_mailbox_for == Some(device) {
             envelopes.reverse();
         }
-        if tamper.corrupt_application_for == Some(device.device_id) {
-            for envelope in &mut envelopes {
+        if tamper.corrupt_application_for == Some(device) {
+            for envelope in envelopes.iter_mut() {
                 if envelope.kind == sealpost_proto::api::EnvelopeKind::Application {
                     crate::adversary::corrupt(&mut envelope.payload.0);
                 }
@@ -34,7 +44,6 @@ pub async fn fetch(
         }
     }
     state.metrics.envelopes_out.inc_by(envelopes.len() as u64);
-    Ok(Json(MailboxResponse { envelopes, more }))
 }
 
 pub async fn ack(

@@ -1,28 +1,68 @@
-//! The per-device WebSocket: pushes a `mailbox_ready` event whenever the device has mail.
+//! The per-device WebSocket, in one of two modes (see `sealpost_proto::ws`).
 //!
-//! The socket carries no message content; the client fetches and acknowledges over HTTP.
-//! On connect the server sends one event so the client drains what arrived while it was
-//! away. Inbound frames are capped and ignored, except close.
+//! - *wake* (default, `GET /v1/ws`): the server sends a `mailbox_ready` event whenever the
+//!   device has mail, and once on connect; the client fetches and acknowledges over HTTP.
+//!   Inbound frames are ignored, except close.
+//! - *push* (`GET /v1/ws?mode=push`): the socket is the delivery path. The server sends
+//!   what is waiting, then every new envelope as soon as it is durable; the client
+//!   acknowledges and may send application messages on the same socket.
+//!
+//! One task serves one socket, whatever its mode, so an idle connection costs one task and
+//! its buffers. Inbound frames are capped, sends are rate-limited per account like HTTP
+//! requests, and at most `WS_SENDS_IN_FLIGHT` sends wait for the disk at once: beyond that
+//! the server stops reading the socket until answers are out.
 
-use axum::extract::State;
+use std::future::Future;
+use std::pin::Pin;
+
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::IntoResponse as _;
 use axum::response::Response;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use sealpost_proto::api::ServerEvent;
+use sealpost_proto::ws::{ClientFrame, ServerFrame};
+use sealpost_proto::{ErrorCode, limits};
+use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{AppState, AuthDevice};
+use super::{AppState, AuthDevice, groups};
 use crate::error::ApiError;
-use axum::response::IntoResponse as _;
-use sealpost_proto::ErrorCode;
+use crate::notify::PushSubscription;
+use crate::store::DeviceRecord;
 
-/// Inbound WebSocket frames and messages are tiny; the socket is for wake-ups.
-const MAX_INBOUND: usize = 4 * 1024;
+/// Inbound frames on a wake-mode socket are tiny.
+const WAKE_INBOUND_MAX: usize = 4 * 1024;
+/// Socket buffers: small, because most sockets are idle (memory per connection).
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 0;
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Wake,
+    Push,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsQuery {
+    #[serde(default)]
+    mode: Mode,
+}
 
 pub async fn upgrade(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
+    query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let mode = match query {
+        Ok(Query(query)) => query.mode,
+        Err(rejection) => return ApiError::from(rejection).into_response(),
+    };
     let Some(slot) = state
         .notifier
         .reserve_socket(&device.username, state.config.limits.sockets_per_account)
@@ -33,27 +73,37 @@ pub async fn upgrade(
         )
         .into_response();
     };
-    ws.max_message_size(MAX_INBOUND)
-        .max_frame_size(MAX_INBOUND)
+    let inbound_max = match mode {
+        Mode::Wake => WAKE_INBOUND_MAX,
+        Mode::Push => limits::WS_INBOUND_FRAME_MAX_BYTES,
+    };
+    ws.max_message_size(inbound_max)
+        .max_frame_size(inbound_max)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
-            run(socket, state, device.device_id).await;
+            state.metrics.websockets.inc();
+            match mode {
+                Mode::Wake => run_wake(socket, &state, device.device_id).await,
+                Mode::Push => run_push(socket, &state, device).await,
+            }
+            state.metrics.websockets.dec();
             drop(slot);
         })
 }
 
-fn event_frame() -> Message {
-    let text = serde_json::to_string(&ServerEvent::MailboxReady).unwrap_or_default();
-    Message::Text(text.into())
+fn json_frame<T: serde::Serialize>(value: &T) -> Message {
+    Message::Text(serde_json::to_string(value).unwrap_or_default().into())
 }
 
-async fn run(mut socket: WebSocket, state: AppState, device: Uuid) {
-    state.metrics.websockets.inc();
+async fn run_wake(mut socket: WebSocket, state: &AppState, device: Uuid) {
     let mut wakeups = state.notifier.subscribe(device);
-    if socket.send(event_frame()).await.is_ok() {
+    let event = || json_frame(&ServerEvent::MailboxReady);
+    if socket.send(event()).await.is_ok() {
         loop {
             tokio::select! {
                 changed = wakeups.changed() => {
-                    if changed.is_err() || socket.send(event_frame()).await.is_err() {
+                    if changed.is_err() || socket.send(event()).await.is_err() {
                         break;
                     }
                 }
@@ -70,5 +120,250 @@ async fn run(mut socket: WebSocket, state: AppState, device: Uuid) {
     }
     drop(wakeups);
     state.notifier.release(device);
-    state.metrics.websockets.dec();
+}
+
+/// An answer to a client frame, computed off the socket task's hands.
+type Pending = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
+
+/// The state of one push-mode socket.
+struct PushSession<'a> {
+    socket: WebSocket,
+    state: &'a AppState,
+    device: DeviceRecord,
+    /// The highest mailbox position sent on this socket.
+    cursor: u64,
+}
+
+/// Why a push session ends.
+enum End {
+    /// The peer went away or the socket failed.
+    Closed,
+}
+
+async fn run_push(socket: WebSocket, state: &AppState, device: DeviceRecord) {
+    // Subscribe before the first read of the mailbox: an entry committed in between is
+    // then either in that read or in the queue (or both; positions already sent are
+    // skipped).
+    let mut subscription = state.notifier.subscribe_push(device.device_id);
+    let mut session = PushSession {
+        socket,
+        state,
+        device,
+        cursor: 0,
+    };
+    let mut in_flight: FuturesOrdered<Pending> = FuturesOrdered::new();
+    if session.drain_mailbox().await.is_ok() {
+        let _ = session.serve(&mut subscription, &mut in_flight).await;
+    }
+    drop(subscription);
+}
+
+impl PushSession<'_> {
+    async fn serve(
+        &mut self,
+        subscription: &mut PushSubscription,
+        in_flight: &mut FuturesOrdered<Pending>,
+    ) -> Result<(), End> {
+        loop {
+            tokio::select! {
+                biased;
+                () = self.state.shutdown.cancelled() => {
+                    let _ = self.socket.send(Message::Close(None)).await;
+                    return Ok(());
+                }
+                Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.feed(json_frame(&answer)).await?;
+                    // Send every answer that is ready in one flush.
+                    while let Some(Some(answer)) = in_flight.next().now_or_never() {
+                        self.feed(json_frame(&answer)).await?;
+                    }
+                    self.flush().await?;
+                }
+                push = subscription.queue.recv() => {
+                    let Some(first) = push else { return Ok(()) };
+                    self.forward(first, subscription).await?;
+                }
+                inbound = self.socket.recv(), if in_flight.len() < limits::WS_SENDS_IN_FLIGHT => {
+                    match inbound {
+                        Some(Ok(Message::Text(text))) => {
+                            let answer = handle(self.state, &self.device, text.as_str()).await;
+                            in_flight.push_back(answer);
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            let error = ApiError::bad_request("frames are JSON text").detail();
+                            self.socket.send(json_frame(&ServerFrame::Error { error })).await
+                                .map_err(|_| End::Closed)?;
+                        }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(()),
+                        Some(Ok(_)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a pushed entry and every other one already queued, in frames of
+    /// `WS_ENVELOPES_PER_FRAME`, falling back to the mailbox when entries were dropped.
+    ///
+    /// The lag flag is checked before each entry is taken: an entry is dropped only when
+    /// the queue is full, so every entry taken before the check is older than the dropped
+    /// one and the cursor has not passed it; the mailbox read then starts early enough.
+    async fn forward(
+        &mut self,
+        first: crate::notify::Push,
+        subscription: &mut PushSubscription,
+    ) -> Result<(), End> {
+        let mut envelopes = Vec::new();
+        let mut next = Some(first);
+        loop {
+            if subscription.take_lagged() {
+                self.state.metrics.push_overflows.inc();
+                self.send_envelopes(std::mem::take(&mut envelopes), false)
+                    .await?;
+                self.drain_mailbox().await?;
+            }
+            let Some(push) = next else { break };
+            if push.mailbox_id > self.cursor {
+                self.cursor = push.mailbox_id;
+                envelopes.push(push.message.envelope(push.mailbox_id));
+            }
+            if envelopes.len() >= limits::WS_ENVELOPES_PER_FRAME {
+                self.send_envelopes(std::mem::take(&mut envelopes), false)
+                    .await?;
+            }
+            next = subscription.queue.try_recv().ok();
+        }
+        self.send_envelopes(envelopes, true).await
+    }
+
+    async fn feed(&mut self, message: Message) -> Result<(), End> {
+        self.socket.feed(message).await.map_err(|_| End::Closed)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        self.socket.flush().await.map_err(|_| End::Closed)
+    }
+
+    /// Sends envelopes (after the malicious-server hook of test builds) in one frame.
+    async fn send_envelopes(
+        &mut self,
+        mut envelopes: Vec<sealpost_proto::api::Envelope>,
+        flush: bool,
+    ) -> Result<(), End> {
+        if !envelopes.is_empty() {
+            super::mailbox::outgoing(self.state, self.device.device_id, &mut envelopes);
+            self.feed(json_frame(&ServerFrame::Envelopes { envelopes }))
+                .await?;
+        }
+        if flush { self.flush().await } else { Ok(()) }
+    }
+
+    /// Sends every mailbox entry after the cursor, from the database.
+    async fn drain_mailbox(&mut self) -> Result<(), End> {
+        loop {
+            let page = self
+                .state
+                .store
+                .fetch_mailbox_after(
+                    self.device.device_id,
+                    self.cursor,
+                    limits::WS_ENVELOPES_PER_FRAME,
+                )
+                .await;
+            let (envelopes, more) = match page {
+                Ok(page) => page,
+                Err(err) => {
+                    let error = ApiError::from(err).detail();
+                    let _ = self
+                        .socket
+                        .send(json_frame(&ServerFrame::Error { error }))
+                        .await;
+                    return Err(End::Closed);
+                }
+            };
+            if let Some(last) = envelopes.last() {
+                self.cursor = self.cursor.max(last.id);
+            }
+            self.send_envelopes(envelopes, !more).await?;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Turns one client frame into the future of its answer. A send is queued for
+/// sequencing before this returns, so a socket's sends keep their order.
+async fn handle(state: &AppState, device: &DeviceRecord, text: &str) -> Pending {
+    let state = state.clone();
+    let frame = match serde_json::from_str::<ClientFrame>(text) {
+        Ok(frame) => frame,
+        Err(err) => {
+            let error = ApiError::bad_request(format!("invalid frame: {err}")).detail();
+            return Box::pin(async move { ServerFrame::Error { error } });
+        }
+    };
+    match frame {
+        ClientFrame::Send {
+            reference,
+            group_id,
+            message_id,
+            message,
+        } => {
+            let request = state
+                .rate_limits
+                .check_account(&device.username)
+                .and_then(|()| {
+                    groups::application_request(
+                        &state,
+                        device.device_id,
+                        group_id,
+                        message_id,
+                        message.into_inner(),
+                    )
+                });
+            let queued = match request {
+                Ok(request) => groups::queue(&state, request).await,
+                Err(err) => Err(err),
+            };
+            Box::pin(async move {
+                let result = match queued {
+                    Ok(answer) => answer.await,
+                    Err(err) => Err(err),
+                };
+                match result {
+                    Ok(result) => ServerFrame::Sent { reference, result },
+                    Err(err) => ServerFrame::SendFailed {
+                        reference,
+                        error: err.detail(),
+                    },
+                }
+            })
+        }
+        ClientFrame::Ack { ids } => {
+            let limited = state.rate_limits.check_account(&device.username);
+            let device = device.device_id;
+            Box::pin(async move {
+                if let Err(err) = limited {
+                    return ServerFrame::Error {
+                        error: err.detail(),
+                    };
+                }
+                if ids.len() > limits::ACK_MAX_IDS {
+                    let error = ApiError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!("at most {} ids per acknowledgement", limits::ACK_MAX_IDS),
+                    )
+                    .detail();
+                    return ServerFrame::Error { error };
+                }
+                match state.store.ack(device, &ids).await {
+                    Ok(removed) => ServerFrame::Acked { removed },
+                    Err(err) => ServerFrame::Error {
+                        error: ApiError::from(err).detail(),
+                    },
+                }
+            })
+        }
+    }
 }

@@ -37,6 +37,8 @@ use serde::de::DeserializeOwned;
 use sqlx::Row as _;
 use sqlx::sqlite::SqlitePool;
 
+use super::sqlite::WRITE_TRANSACTION;
+
 const UPSERT_RECORD: &str = "INSERT INTO akd_records (id, record) VALUES (?1, ?2) \
      ON CONFLICT (id) DO UPDATE SET record = excluded.record";
 const UPSERT_VALUE_STATE: &str = "INSERT INTO akd_value_states (username, epoch, version, record) \
@@ -199,7 +201,11 @@ impl Database for AkdSqliteStorage {
         if records.is_empty() {
             return Ok(());
         }
-        let mut tx = self.writer.begin().await.map_err(sql_error)?;
+        let mut tx = self
+            .writer
+            .begin_with(WRITE_TRANSACTION)
+            .await
+            .map_err(sql_error)?;
         for record in &records {
             match record {
                 DbRecord::ValueState(state) => {

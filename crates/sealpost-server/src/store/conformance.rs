@@ -378,7 +378,7 @@ async fn commits_are_sequenced_by_epoch(store: &dyn Store) {
     add.welcome = Some(b"welcome-1".to_vec());
     let first = store.sequence(add.clone()).await.unwrap();
     assert_eq!((first.response.group_seq, first.response.epoch), (1, 1));
-    let mut recipients = first.recipients.clone();
+    let mut recipients = first.recipients();
     recipients.sort();
     let mut expected = vec![b, c];
     expected.sort();
@@ -388,7 +388,7 @@ async fn commits_are_sequenced_by_epoch(store: &dyn Store) {
     // with other bytes is refused.
     let resent = store.sequence(add.clone()).await.unwrap();
     assert_eq!(resent.response, first.response);
-    assert!(resent.recipients.is_empty());
+    assert!(resent.deliveries.is_empty());
     let mut tampered = add.clone();
     tampered.payload = b"other".to_vec();
     assert!(matches!(
@@ -421,12 +421,12 @@ async fn commits_are_sequenced_by_epoch(store: &dyn Store) {
     let mut remove = request(&group, a, EnvelopeKind::Commit, 2, b"remove-c");
     remove.removed_devices = vec![c];
     let removed = store.sequence(remove).await.unwrap();
-    assert!(removed.recipients.contains(&c));
+    assert!(removed.recipients().contains(&c));
     let after = store
         .sequence(request(&group, a, EnvelopeKind::Application, 3, b"after"))
         .await
         .unwrap();
-    assert_eq!(after.recipients, vec![b]);
+    assert_eq!(after.recipients(), vec![b]);
     assert!(matches!(
         store
             .sequence(request(&group, c, EnvelopeKind::Application, 3, b"x"))

@@ -15,6 +15,7 @@ pub mod akd_sqlite;
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod sqlite;
+mod writer;
 
 use async_trait::async_trait;
 use sealpost_proto::api::{Envelope, EnvelopeKind, SequencedResponse};
@@ -55,6 +56,8 @@ pub enum StoreError {
     CommitFailed(String),
     #[error("database error: {0}")]
     Backend(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration error: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
 }
@@ -151,12 +154,58 @@ pub struct SequenceRequest {
     pub expires_at: i64,
 }
 
+/// The outcome of a queued [`Store::queue_sequence`] request, once it is durable.
+pub type SequenceTicket =
+    std::pin::Pin<Box<dyn Future<Output = Result<SequenceOutcome, StoreError>> + Send>>;
+
 /// What [`Store::sequence`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SequenceOutcome {
     pub response: SequencedResponse,
-    /// Devices that got new mail (empty when the request was a resend).
-    pub recipients: Vec<Uuid>,
+    /// The new mailbox entries, in mailbox order (empty when the request was a resend).
+    pub deliveries: Vec<Delivery>,
+}
+
+impl SequenceOutcome {
+    /// Devices that got new mail.
+    pub fn recipients(&self) -> Vec<Uuid> {
+        self.deliveries.iter().map(|d| d.device).collect()
+    }
+}
+
+/// One new mailbox entry: what a push-mode socket of `device` sends at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub device: Uuid,
+    pub mailbox_id: u64,
+    /// Shared by every recipient of the same message.
+    pub message: std::sync::Arc<StoredMessage>,
+}
+
+/// A sequenced message as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub message_id: Uuid,
+    pub group_id: String,
+    pub group_seq: u64,
+    pub kind: EnvelopeKind,
+    pub server_time: i64,
+    pub payload: Vec<u8>,
+}
+
+impl StoredMessage {
+    /// The envelope at mailbox position `mailbox_id`, as a mailbox fetch returns it.
+    pub fn envelope(&self, mailbox_id: u64) -> Envelope {
+        Envelope {
+            id: mailbox_id,
+            message_id: self.message_id,
+            group_id: self.group_id.clone(),
+            group_seq: self.group_seq,
+            kind: self.kind,
+            server_time: self.server_time,
+            payload: sealpost_proto::Bytes64(self.payload.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,12 +329,25 @@ pub trait Store: Send + Sync + 'static {
     async fn create_group(&self, group_id: &str, creator: Uuid) -> Result<GroupState, StoreError>;
     async fn group(&self, group_id: &str) -> Result<Option<GroupState>, StoreError>;
     /// Sequences one commit, proposal or application message (see the module doc).
-    async fn sequence(&self, request: SequenceRequest) -> Result<SequenceOutcome, StoreError>;
+    async fn sequence(&self, request: SequenceRequest) -> Result<SequenceOutcome, StoreError> {
+        self.queue_sequence(request).await?.await
+    }
+    /// Queues a request for [`Store::sequence`] and returns the future of its outcome.
+    /// Requests that one caller queues one after the other are sequenced in that order,
+    /// whenever their futures are polled — what the sends of one socket need.
+    async fn queue_sequence(&self, request: SequenceRequest) -> Result<SequenceTicket, StoreError>;
 
     /// The oldest envelopes in a device's mailbox, and whether more are waiting.
     async fn fetch_mailbox(
         &self,
         device_id: Uuid,
+        limit: usize,
+    ) -> Result<(Vec<Envelope>, bool), StoreError>;
+    /// Like [`Store::fetch_mailbox`], but only envelopes after mailbox position `after`.
+    async fn fetch_mailbox_after(
+        &self,
+        device_id: Uuid,
+        after: u64,
         limit: usize,
     ) -> Result<(Vec<Envelope>, bool), StoreError>;
     /// Deletes acknowledged envelopes of this device; returns how many were removed.

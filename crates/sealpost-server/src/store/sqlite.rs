@@ -11,14 +11,12 @@
 use std::path::Path;
 use std::str::FromStr as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sealpost_proto::Bytes64;
-use sealpost_proto::api::{Envelope, EnvelopeKind, SequencedResponse};
+use sealpost_proto::api::{Envelope, EnvelopeKind};
 use sealpost_proto::kt::DirectoryEntry;
-use sha2::{Digest as _, Sha256};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -26,9 +24,10 @@ use sqlx::{Row as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::writer::Job;
 use super::{
     AccountRecord, DeviceRecord, GroupState, KeyPackageCount, LinkRecord, LinkState,
-    SequenceOutcome, SequenceRequest, Store, StoreError,
+    SequenceRequest, Store, StoreError,
 };
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -38,45 +37,19 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// The group-commit writer thread (sequencing and acknowledgements).
     batcher: mpsc::Sender<Job>,
     stats: Arc<BatchStats>,
+    deliveries: Arc<super::writer::DeliveryHook>,
 }
 
-/// One request for the group-commit writer and where to send its answer.
-type Job = (
-    SequenceRequest,
-    oneshot::Sender<Result<SequenceOutcome, StoreError>>,
-);
+pub use super::writer::BatchStats;
 
-/// Most sequenced messages one transaction (one fsync) carries.
-const MAX_BATCH: usize = 256;
-
-/// Counters of the group-commit writer.
-#[derive(Default)]
-pub struct BatchStats {
-    /// Transactions committed.
-    pub batches: AtomicU64,
-    /// Requests they carried.
-    pub requests: AtomicU64,
-    /// Called with the size of every committed batch (metrics).
-    observer: std::sync::OnceLock<Box<dyn Fn(usize) + Send + Sync>>,
-}
-
-impl std::fmt::Debug for BatchStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BatchStats")
-            .field("batches", &self.batches)
-            .field("requests", &self.requests)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BatchStats {
-    /// Registers the function told the size of every committed batch (once).
-    pub fn observe(&self, observer: impl Fn(usize) + Send + Sync + 'static) {
-        let _ = self.observer.set(Box::new(observer));
-    }
-}
+/// How every write transaction on the sqlx writer begins. `IMMEDIATE` takes SQLite's write
+/// lock at once (waiting up to `busy_timeout` while the group-commit writer holds it); a
+/// deferred transaction that read first and then wrote would fail with `SQLITE_BUSY`
+/// instead of waiting, whenever the other writer committed in between.
+pub(crate) const WRITE_TRANSACTION: &str = "BEGIN IMMEDIATE";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs migrations.
@@ -97,14 +70,15 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        let (batcher, jobs) = mpsc::channel(4 * MAX_BATCH);
         let stats = Arc::new(BatchStats::default());
-        tokio::spawn(run_batcher(writer.clone(), jobs, stats.clone()));
+        let deliveries = Arc::new(super::writer::DeliveryHook::default());
+        let batcher = super::writer::spawn(path, stats.clone(), deliveries.clone())?;
         Ok(Self {
             writer,
             reader,
             batcher,
             stats,
+            deliveries,
         })
     }
 
@@ -113,13 +87,23 @@ impl SqliteStore {
         &self.stats
     }
 
+    /// Sets the function told every committed delivery, in mailbox order (once).
+    pub fn on_deliveries(&self, hook: impl Fn(&[super::Delivery]) + Send + Sync + 'static) {
+        self.deliveries.set(hook);
+    }
+
     /// The akd storage on the same database.
     pub fn akd_storage(&self) -> super::akd_sqlite::AkdSqliteStorage {
         super::akd_sqlite::AkdSqliteStorage::new(self.writer.clone(), self.reader.clone())
     }
 
-    /// Closes both pools, checkpointing the WAL.
+    /// Stops the writer thread after the jobs it has, and closes both pools, checkpointing
+    /// the WAL.
     pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.batcher.send(Job::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
         self.reader.close().await;
         self.writer.close().await;
     }
@@ -278,274 +262,6 @@ async fn members_of(conn: &mut SqliteConnection, group_id: &str) -> Result<Vec<U
         .collect()
 }
 
-async fn insert_message(
-    conn: &mut SqliteConnection,
-    request: &SequenceRequest,
-    kind: EnvelopeKind,
-    group_seq: i64,
-    epoch_after: i64,
-    payload: &[u8],
-) -> Result<i64, StoreError> {
-    let hash = Sha256::digest(payload);
-    let row = sqlx::query(
-        "INSERT INTO messages (group_id, message_id, kind, group_seq, epoch_after, payload_hash, \
-         payload, server_time, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-    )
-    .bind(&request.group_id)
-    .bind(request.message_id.as_bytes().as_slice())
-    .bind(kind.as_i64())
-    .bind(group_seq)
-    .bind(epoch_after)
-    .bind(hash.as_slice())
-    .bind(payload)
-    .bind(request.now)
-    .bind(request.expires_at)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(row.try_get(0)?)
-}
-
-async fn deliver(
-    conn: &mut SqliteConnection,
-    message: i64,
-    devices: &[Uuid],
-) -> Result<(), StoreError> {
-    for device in devices {
-        sqlx::query("INSERT INTO mailbox (device_id, message) VALUES (?, ?)")
-            .bind(device.as_bytes().as_slice())
-            .bind(message)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
-}
-
-/// The group-commit writer: takes every sequencing request that is waiting (up to
-/// [`MAX_BATCH`]), applies them in order in one transaction, each under its own savepoint
-/// (a refused request rolls back only itself), commits once — one WAL fsync for the whole
-/// batch — and only then answers each request. A sender is never acknowledged before its
-/// message is durable.
-async fn run_batcher(writer: SqlitePool, mut jobs: mpsc::Receiver<Job>, stats: Arc<BatchStats>) {
-    while let Some(first) = jobs.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let results = commit_batch(&writer, &batch).await;
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats
-            .requests
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        if let Some(observe) = stats.observer.get() {
-            observe(batch.len());
-        }
-        for ((_, answer), result) in batch.into_iter().zip(results) {
-            let _ = answer.send(result);
-        }
-    }
-}
-
-async fn commit_batch(
-    writer: &SqlitePool,
-    batch: &[Job],
-) -> Vec<Result<SequenceOutcome, StoreError>> {
-    let failed = |why: &str| {
-        batch
-            .iter()
-            .map(|_| Err(StoreError::CommitFailed(why.to_owned())))
-            .collect()
-    };
-    let mut tx = match writer.begin().await {
-        Ok(tx) => tx,
-        Err(err) => return failed(&err.to_string()),
-    };
-    let mut results = Vec::with_capacity(batch.len());
-    for (request, _) in batch {
-        if let Err(err) = sqlx::query("SAVEPOINT sequence").execute(&mut *tx).await {
-            return failed(&err.to_string());
-        }
-        let result = sequence_in(&mut tx, request).await;
-        let undo = if result.is_err() {
-            sqlx::query("ROLLBACK TO sequence")
-                .execute(&mut *tx)
-                .await
-                .err()
-        } else {
-            None
-        };
-        let release = sqlx::query("RELEASE sequence")
-            .execute(&mut *tx)
-            .await
-            .err();
-        if let Some(err) = undo.or(release) {
-            return failed(&err.to_string());
-        }
-        results.push(result);
-    }
-    match tx.commit().await {
-        Ok(()) => results,
-        Err(err) => failed(&err.to_string()),
-    }
-}
-
-/// Sequences one request inside the caller's transaction (see [`Store::sequence`]).
-async fn sequence_in(
-    tx: &mut SqliteConnection,
-    request: &SequenceRequest,
-) -> Result<SequenceOutcome, StoreError> {
-    let group = sqlx::query("SELECT epoch, next_seq FROM groups WHERE group_id = ?")
-        .bind(&request.group_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some(group) = group else {
-        return Err(StoreError::GroupNotFound);
-    };
-    let epoch: i64 = group.try_get("epoch")?;
-    let group_seq: i64 = group.try_get("next_seq")?;
-
-    // A resend of an accepted message answers what the first attempt got.
-    let previous = sqlx::query(
-        "SELECT group_seq, epoch_after, payload_hash FROM messages \
-         WHERE group_id = ? AND message_id = ? AND kind = ?",
-    )
-    .bind(&request.group_id)
-    .bind(request.message_id.as_bytes().as_slice())
-    .bind(request.kind.as_i64())
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(previous) = previous {
-        let hash: Vec<u8> = previous.try_get("payload_hash")?;
-        if hash != Sha256::digest(&request.payload).as_slice() {
-            return Err(StoreError::DuplicateMessageId);
-        }
-        return Ok(SequenceOutcome {
-            response: SequencedResponse {
-                group_seq: previous.try_get::<i64, _>("group_seq")? as u64,
-                epoch: previous.try_get::<i64, _>("epoch_after")? as u64,
-            },
-            recipients: Vec::new(),
-        });
-    }
-
-    let members = members_of(tx, &request.group_id).await?;
-    if !members.contains(&request.sender_device) {
-        return Err(StoreError::NotAMember);
-    }
-    if request.epoch != epoch as u64 {
-        return Err(StoreError::EpochConflict {
-            current: epoch as u64,
-        });
-    }
-
-    let mut recipients: Vec<Uuid> = members
-        .iter()
-        .copied()
-        .filter(|device| *device != request.sender_device)
-        .collect();
-    if request.kind == EnvelopeKind::Application {
-        for device in &recipients {
-            let waiting: Option<i64> =
-                sqlx::query_scalar("SELECT n FROM mailbox_counts WHERE device_id = ?")
-                    .bind(device.as_bytes().as_slice())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if waiting.unwrap_or(0).max(0) as u64 >= request.mailbox_quota {
-                return Err(StoreError::MailboxFull);
-            }
-        }
-    }
-    let epoch_after = match request.kind {
-        EnvelopeKind::Commit => epoch + 1,
-        _ => epoch,
-    };
-    let message = insert_message(
-        tx,
-        request,
-        request.kind,
-        group_seq,
-        epoch_after,
-        &request.payload,
-    )
-    .await?;
-    deliver(tx, message, &recipients).await?;
-
-    if request.kind == EnvelopeKind::Commit {
-        // A device that already left (proposal) is no longer on the delivery list;
-        // removing it again is a no-op.
-        for device in &request.removed_devices {
-            sqlx::query("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")
-                .bind(&request.group_id)
-                .bind(device.as_bytes().as_slice())
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !request.added_devices.is_empty() {
-            let Some(welcome) = &request.welcome else {
-                return Err(StoreError::Invalid("devices are added without a Welcome"));
-            };
-            for device in &request.added_devices {
-                let known: Option<i64> =
-                    sqlx::query_scalar("SELECT 1 FROM devices WHERE device_id = ?")
-                        .bind(device.as_bytes().as_slice())
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if known.is_none() {
-                    return Err(StoreError::UnknownDevice(*device));
-                }
-                let inserted =
-                    sqlx::query("INSERT INTO group_members (group_id, device_id) VALUES (?, ?)")
-                        .bind(&request.group_id)
-                        .bind(device.as_bytes().as_slice())
-                        .execute(&mut *tx)
-                        .await;
-                match inserted {
-                    Err(err) if is_unique_violation(&err) => {
-                        return Err(StoreError::Invalid("an added device is already a member"));
-                    }
-                    other => other?,
-                };
-            }
-            let welcome_row = insert_message(
-                tx,
-                request,
-                EnvelopeKind::Welcome,
-                group_seq,
-                epoch_after,
-                welcome,
-            )
-            .await?;
-            deliver(tx, welcome_row, &request.added_devices).await?;
-            recipients.extend(request.added_devices.iter().copied());
-        }
-    }
-    if request.kind == EnvelopeKind::Proposal {
-        for device in &request.leaving_devices {
-            sqlx::query("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")
-                .bind(&request.group_id)
-                .bind(device.as_bytes().as_slice())
-                .execute(&mut *tx)
-                .await?;
-        }
-    }
-
-    sqlx::query("UPDATE groups SET epoch = ?, next_seq = ? WHERE group_id = ?")
-        .bind(epoch_after)
-        .bind(group_seq + 1)
-        .bind(&request.group_id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(SequenceOutcome {
-        response: SequencedResponse {
-            group_seq: group_seq as u64,
-            epoch: epoch_after as u64,
-        },
-        recipients,
-    })
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_account(
@@ -553,7 +269,7 @@ impl Store for SqliteStore {
         account: &AccountRecord,
         device: &DeviceRecord,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         let inserted = sqlx::query(
             "INSERT INTO accounts (username, account_key, created_day, last_seen_day) VALUES (?, ?, ?, ?)",
         )
@@ -623,14 +339,14 @@ impl Store for SqliteStore {
         device: &DeviceRecord,
         max_devices: usize,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         insert_device(&mut tx, device, max_devices).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn remove_device(&self, device_id: Uuid) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         delete_device(&mut tx, device_id).await?;
         tx.commit().await?;
         Ok(())
@@ -646,7 +362,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_account(&self, username: &str) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         let devices: Vec<Vec<u8>> =
             sqlx::query_scalar("SELECT device_id FROM devices WHERE username = ?")
                 .bind(username)
@@ -694,7 +410,7 @@ impl Store for SqliteStore {
     }
 
     async fn link_failed_attempt(&self, link_id: &[u8], max: i64) -> Result<bool, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         let attempts: Option<i64> = sqlx::query_scalar(
             "UPDATE links SET failed_attempts = failed_attempts + 1 WHERE link_id = ? RETURNING failed_attempts",
         )
@@ -736,7 +452,7 @@ impl Store for SqliteStore {
         sealed_response: &[u8],
         max_devices: usize,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         let updated = sqlx::query(
             "UPDATE links SET state = ?, sealed_response = ? WHERE link_id = ? AND state = ?",
         )
@@ -807,7 +523,7 @@ impl Store for SqliteStore {
         root_hash: &[u8],
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         for (username, seq) in published {
             sqlx::query("DELETE FROM kt_pending WHERE username = ? AND seq <= ?")
                 .bind(username)
@@ -887,7 +603,7 @@ impl Store for SqliteStore {
         &self,
         device_id: Uuid,
     ) -> Result<(DeviceRecord, Vec<u8>), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         let row = sqlx::query(DEVICE_BY_ID)
             .bind(device_id.as_bytes().as_slice())
             .fetch_optional(&mut *tx)
@@ -982,7 +698,7 @@ impl Store for SqliteStore {
         max_per_device: usize,
     ) -> Result<KeyPackageCount, StoreError> {
         let device = device_id.as_bytes().as_slice();
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         let existing: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM key_packages WHERE device_id = ? AND last_resort = 0",
         )
@@ -1034,7 +750,7 @@ impl Store for SqliteStore {
         &self,
         username: &str,
     ) -> Result<Vec<(DeviceRecord, Vec<u8>)>, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         let rows = sqlx::query(DEVICES_OF_USER)
             .bind(username)
             .fetch_all(&mut *tx)
@@ -1050,7 +766,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_group(&self, group_id: &str, creator: Uuid) -> Result<GroupState, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         let inserted =
             sqlx::query("INSERT INTO groups (group_id, epoch, next_seq) VALUES (?, 0, 1)")
                 .bind(group_id)
@@ -1087,15 +803,20 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn sequence(&self, request: SequenceRequest) -> Result<SequenceOutcome, StoreError> {
+    async fn queue_sequence(
+        &self,
+        request: SequenceRequest,
+    ) -> Result<super::SequenceTicket, StoreError> {
         let (answer, answered) = oneshot::channel();
         self.batcher
-            .send((request, answer))
+            .send(Job::Sequence(Box::new(request), answer))
             .await
             .map_err(|_| StoreError::Invalid("the store is closed"))?;
-        answered
-            .await
-            .map_err(|_| StoreError::Invalid("the store is closed"))?
+        Ok(Box::pin(async move {
+            answered
+                .await
+                .map_err(|_| StoreError::Invalid("the store is closed"))?
+        }))
     }
 
     async fn fetch_mailbox(
@@ -1103,12 +824,22 @@ impl Store for SqliteStore {
         device_id: Uuid,
         limit: usize,
     ) -> Result<(Vec<Envelope>, bool), StoreError> {
+        self.fetch_mailbox_after(device_id, 0, limit).await
+    }
+
+    async fn fetch_mailbox_after(
+        &self,
+        device_id: Uuid,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Envelope>, bool), StoreError> {
         let rows = sqlx::query(
             "SELECT b.seq, m.message_id, m.group_id, m.group_seq, m.kind, m.server_time, m.payload \
              FROM mailbox b JOIN messages m ON m.id = b.message \
-             WHERE b.device_id = ? ORDER BY b.seq LIMIT ?",
+             WHERE b.device_id = ? AND b.seq > ? ORDER BY b.seq LIMIT ?",
         )
         .bind(device_id.as_bytes().as_slice())
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
         .bind((limit + 1) as i64)
         .fetch_all(&self.reader)
         .await?;
@@ -1134,30 +865,18 @@ impl Store for SqliteStore {
     }
 
     async fn ack(&self, device_id: Uuid, ids: &[u64]) -> Result<u64, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        let mut removed = 0;
-        for id in ids {
-            let message: Option<i64> = sqlx::query_scalar(
-                "DELETE FROM mailbox WHERE seq = ? AND device_id = ? RETURNING message",
-            )
-            .bind(*id as i64)
-            .bind(device_id.as_bytes().as_slice())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(message) = message else { continue };
-            removed += 1;
-            // Once every recipient has it, the server forgets the ciphertext.
-            sqlx::query(
-                "UPDATE messages SET payload = NULL WHERE id = ? \
-                 AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message = ?)",
-            )
-            .bind(message)
-            .bind(message)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(removed)
+        let (answer, answered) = oneshot::channel();
+        self.batcher
+            .send(Job::Ack {
+                device: device_id,
+                ids: ids.to_vec(),
+                answer,
+            })
+            .await
+            .map_err(|_| StoreError::Invalid("the store is closed"))?;
+        answered
+            .await
+            .map_err(|_| StoreError::Invalid("the store is closed"))?
     }
 
     async fn mailbox_depth(&self) -> Result<u64, StoreError> {
@@ -1168,7 +887,7 @@ impl Store for SqliteStore {
     }
 
     async fn expire(&self, now: i64) -> Result<u64, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
         let mailbox = sqlx::query(
             "DELETE FROM mailbox WHERE message IN (SELECT id FROM messages WHERE expires_at < ?)",
         )
@@ -1200,6 +919,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     #[tokio::test]
     async fn sqlite_store_passes_the_conformance_suite() {
