@@ -1,0 +1,362 @@
+//! `sealpost-bench`: the load generator and benchmark scenarios of issue 6.
+//!
+//! Every scenario starts its own `sealpost-server` on a loopback port (pinned to the CPUs
+//! given by `--server-cpus`), builds its population with the real client engine, runs a
+//! bounded amount of work, prints a table and writes JSON under `--out`. Run the generator
+//! itself on the other core, e.g.
+//! `taskset -c 1 target/release/sealpost-bench --server-cpus 0 relay --pairs 100`.
+//! docs/BENCHMARKS.md lists the commands behind every published figure.
+
+mod drain;
+mod fanout;
+mod idle;
+mod plot;
+mod population;
+mod relay;
+mod report;
+mod server;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::population::Population;
+use crate::relay::{RelayOptions, RelayResult};
+use crate::report::{print_table, thousands, write_json};
+use crate::server::{ServerOptions, ServerProcess};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Sealpost load generator and benchmarks (loopback only)"
+)]
+struct Args {
+    /// The server binary (default: `sealpost-server` next to this binary).
+    #[arg(long, global = true)]
+    server_binary: Option<PathBuf>,
+    /// CPUs the server is pinned to (`taskset -c` list); empty for no pinning.
+    #[arg(long, global = true, default_value = "0")]
+    server_cpus: String,
+    /// Directory for the JSON results.
+    #[arg(long, global = true, default_value = "target/bench-results")]
+    out: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Relay throughput: P sender/receiver pairs, as fast as the server answers.
+    Relay {
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+        pairs: Vec<usize>,
+        /// Total messages per run.
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+        /// Plaintext bytes per message.
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+        /// Unanswered sends per sender.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        #[arg(long, default_value_t = 100)]
+        decrypt_every: usize,
+    },
+    /// Latency at fractions of the peak rate (measured first unless `--peak` is given),
+    /// plotted into an SVG.
+    Latency {
+        #[arg(long, default_value_t = 100)]
+        pairs: usize,
+        #[arg(long, default_value_t = 60_000)]
+        messages: usize,
+        #[arg(long)]
+        peak: Option<f64>,
+        #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
+        fractions: Vec<f64>,
+        #[arg(long, default_value = "docs/latency-under-load.svg")]
+        plot: PathBuf,
+    },
+    /// Idle authenticated push-mode connections: server memory per connection.
+    Idle {
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,19000")]
+        steps: Vec<usize>,
+    },
+    /// Offline drain: connect and acknowledge a backlog.
+    Drain {
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Group fan-out: one sender, every member online.
+    Fanout {
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+        members: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
+    /// (internal) Holds idle connections for the `idle` scenario.
+    #[command(hide = true)]
+    IdleWorker {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        tokens: PathBuf,
+        #[arg(long)]
+        from: usize,
+        #[arg(long)]
+        to: usize,
+        #[arg(long)]
+        source: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    // One thread: the generator gets one core and must not compete with the server's.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("sealpost-bench: cannot start the runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("sealpost-bench: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn server_options(args: &Args) -> ServerOptions {
+    ServerOptions {
+        binary: args
+            .server_binary
+            .clone()
+            .unwrap_or_else(ServerOptions::default_binary),
+        cpus: Some(args.server_cpus.clone()).filter(|c| !c.is_empty()),
+        kt_interval_ms: 50,
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let options = server_options(&args);
+    match &args.command {
+        Command::Relay {
+            pairs,
+            messages,
+            size,
+            window,
+            decrypt_every,
+        } => {
+            let mut results = Vec::new();
+            for &p in pairs {
+                let server = ServerProcess::start(&options).await?;
+                let population = Population::new(&server.url)?;
+                let pairs = population.pairs(p, "").await?;
+                let relay = RelayOptions {
+                    messages: *messages,
+                    size: *size,
+                    rate: None,
+                    window: *window,
+                    decrypt_every: *decrypt_every,
+                    timeout: Duration::from_secs(300),
+                };
+                let prepared = relay::prepare_all(&pairs, &relay)?;
+                results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
+                print_relay(&results);
+            }
+            write_json(&args.out.join("relay.json"), &results)
+        }
+        Command::Latency {
+            pairs,
+            messages,
+            peak,
+            fractions,
+            plot: plot_path,
+        } => {
+            let server = ServerProcess::start(&options).await?;
+            let population = Population::new(&server.url)?;
+            let pairs = population.pairs(*pairs, "").await?;
+            let mut relay = RelayOptions {
+                messages: *messages,
+                size: 200,
+                rate: None,
+                window: 32,
+                decrypt_every: 100,
+                timeout: Duration::from_secs(300),
+            };
+            let mut results = Vec::new();
+            let peak = match peak {
+                Some(peak) => *peak,
+                None => {
+                    let prepared = relay::prepare_all(&pairs, &relay)?;
+                    let result = relay::run(&server, &pairs, &prepared, &relay).await?;
+                    let peak = result.delivered_per_second;
+                    results.push(result);
+                    print_relay(&results);
+                    peak
+                }
+            };
+            for fraction in fractions {
+                relay.rate = Some(peak * fraction);
+                // Enough messages for ~5 s at this rate, within the bound given.
+                relay.messages = ((peak * fraction * 5.0) as usize).clamp(1_000, *messages);
+                let prepared = relay::prepare_all(&pairs, &relay)?;
+                results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
+                print_relay(&results);
+            }
+            write_json(&args.out.join("latency.json"), &results)?;
+            plot::latency_under_load(plot_path, &results)
+        }
+        Command::Idle { steps } => {
+            let server = ServerProcess::start(&options).await?;
+            let result = idle::run(&server, steps).await?;
+            let rows: Vec<Vec<String>> = result
+                .steps
+                .iter()
+                .map(|s| {
+                    vec![
+                        thousands(s.connections as f64),
+                        format!("{:.1}", s.server_rss_bytes as f64 / 1048576.0),
+                        thousands(s.bytes_per_connection),
+                    ]
+                })
+                .collect();
+            print_table(
+                &format!(
+                    "idle push-mode connections (baseline RSS {:.1} MiB, slope {} bytes/connection)",
+                    result.baseline_rss_bytes as f64 / 1048576.0,
+                    thousands(result.slope_bytes_per_connection)
+                ),
+                &["connections", "server RSS MiB", "bytes/connection"],
+                &rows,
+            );
+            write_json(&args.out.join("idle.json"), &result)
+        }
+        Command::Drain { messages, runs } => {
+            let server = ServerProcess::start(&options).await?;
+            let population = Population::new(&server.url)?;
+            let pairs = population.pairs(1, "drain").await?;
+            let pair = pairs.first().context("no pair")?;
+            let mut results = Vec::new();
+            for _ in 0..*runs {
+                results.push(
+                    drain::run(&server, pair, *messages, 200, Duration::from_secs(120)).await?,
+                );
+            }
+            let rows: Vec<Vec<String>> = results
+                .iter()
+                .map(|r| {
+                    vec![
+                        thousands(r.messages as f64),
+                        format!("{:.1}", r.first_envelope_ms),
+                        format!("{:.1}", r.drain_ms),
+                        format!("{:.3}", r.server_cpu_seconds),
+                        format!("{:.3}", r.generator_cpu_seconds),
+                    ]
+                })
+                .collect();
+            print_table(
+                "offline drain (connect → every envelope acknowledged and deleted)",
+                &[
+                    "messages",
+                    "first ms",
+                    "all acked ms",
+                    "server CPU s",
+                    "generator CPU s",
+                ],
+                &rows,
+            );
+            write_json(&args.out.join("drain.json"), &results)
+        }
+        Command::Fanout { members, rounds } => {
+            let server = ServerProcess::start(&options).await?;
+            let population = Population::new(&server.url)?;
+            let mut results = Vec::new();
+            for &m in members {
+                results.push(fanout::run(&population, m, *rounds, Duration::from_secs(30)).await?);
+            }
+            let rows: Vec<Vec<String>> = results
+                .iter()
+                .map(|r| {
+                    vec![
+                        thousands(r.members as f64),
+                        format!("{:.2}", r.send_to_accepted_ms.p50_ms),
+                        format!("{:.2}", r.send_to_last_ms.p50_ms),
+                        format!("{:.2}", r.send_to_last_ms.max_ms),
+                        format!("{:.2}", r.accepted_to_last_ms.p50_ms),
+                        format!("{:.2}", r.accepted_to_last_ms.max_ms),
+                    ]
+                })
+                .collect();
+            print_table(
+                &format!("group fan-out ({rounds} rounds each; ms)"),
+                &[
+                    "members",
+                    "accepted p50",
+                    "last p50",
+                    "last max",
+                    "accepted→last p50",
+                    "accepted→last max",
+                ],
+                &rows,
+            );
+            write_json(&args.out.join("fanout.json"), &results)
+        }
+        Command::IdleWorker {
+            url,
+            tokens,
+            from,
+            to,
+            source,
+        } => idle::worker(url, tokens, *from, *to, source).await,
+    }
+}
+
+fn print_relay(results: &[RelayResult]) {
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.pairs.to_string(),
+                r.offered_rate.map_or("max".into(), thousands),
+                thousands(r.delivered as f64),
+                r.lost.to_string(),
+                r.duplicates.to_string(),
+                thousands(r.delivered_per_second),
+                format!("{:.1}", r.server_cpu_us_per_message),
+                format!("{:.1}", r.generator_cpu_us_per_message),
+                format!("{:.2}", r.latency.p50_ms),
+                format!("{:.2}", r.latency.p99_ms),
+                format!("{:.2}", r.latency.p999_ms),
+                format!("{}/{}", r.decrypted_sample, r.decrypt_failures),
+            ]
+        })
+        .collect();
+    print_table(
+        "relay (pre-encrypted MLS; latency send → receipt)",
+        &[
+            "pairs",
+            "offered/s",
+            "delivered",
+            "lost",
+            "dup",
+            "msg/s",
+            "server µs/msg",
+            "gen µs/msg",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "decrypted/failed",
+        ],
+        &rows,
+    );
+}

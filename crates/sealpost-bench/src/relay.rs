@@ -1,0 +1,356 @@
+//! Scenarios 1 and 2: relay throughput and latency under load.
+//!
+//! P sender/receiver pairs, each in its own real 1:1 MLS group. Before the timed part each
+//! sender's engine encrypts its share of the messages (in the wild every client has its
+//! own CPU; here the two cores must measure the server). In the timed part every sender
+//! pipelines its ciphertexts over a push-mode WebSocket (at most `window` unanswered),
+//! either as fast as the server answers or paced at a fixed total rate; every receiver
+//! takes envelopes from its own push-mode socket and acknowledges each frame. A message
+//! counts as delivered when its receiver has it; latency is from the moment its sender
+//! wrote it to the moment its receiver read it. After the timed part the receivers'
+//! engines decrypt a sample of what they received, to show it was real MLS traffic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use sealpost_core::transport::{PushReceiver, PushSender};
+use sealpost_proto::api::{Envelope, EnvelopeKind};
+use sealpost_proto::ws::{ClientFrame, ServerFrame};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::population::{Pair, Prepared, prepare, progress};
+use crate::report::Percentiles;
+use crate::server::{ServerProcess, own_cpu_seconds};
+
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    pub messages: usize,
+    pub size: usize,
+    /// Total offered rate in messages/s; `None` sends as fast as the server answers.
+    pub rate: Option<f64>,
+    /// Unanswered sends per sender.
+    pub window: usize,
+    /// Receivers keep one message in this many for decryption after the timed part.
+    pub decrypt_every: usize,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayResult {
+    pub mode: String,
+    pub pairs: usize,
+    pub messages: usize,
+    pub message_bytes: usize,
+    pub ciphertext_bytes: usize,
+    pub offered_rate: Option<f64>,
+    pub delivered: usize,
+    pub lost: usize,
+    pub duplicates: usize,
+    pub send_failures: usize,
+    pub decrypted_sample: usize,
+    pub decrypt_failures: usize,
+    pub wall_seconds: f64,
+    pub delivered_per_second: f64,
+    pub server_cpu_seconds: f64,
+    pub server_cpu_us_per_message: f64,
+    pub server_cpu_seconds_per_1000: f64,
+    pub generator_cpu_seconds: f64,
+    pub generator_cpu_us_per_message: f64,
+    pub latency: Percentiles,
+    pub server_rss_bytes: u64,
+}
+
+/// Where each prepared message came from, and when it was written to the socket.
+struct Ledger {
+    index: HashMap<Uuid, (usize, usize)>,
+    sent_at_ns: Vec<Vec<AtomicU64>>,
+}
+
+#[derive(Default)]
+struct ReceiverTally {
+    latencies_ns: Vec<u64>,
+    delivered: usize,
+    duplicates: usize,
+    sample: Vec<Envelope>,
+}
+
+#[derive(Default)]
+struct SenderTally {
+    accepted: usize,
+    failed: usize,
+    first_error: Option<String>,
+}
+
+/// Encrypts every pair's share of `options.messages` (not timed).
+pub fn prepare_all(pairs: &[Pair], options: &RelayOptions) -> anyhow::Result<Vec<Prepared>> {
+    let per_pair = options.messages.div_ceil(pairs.len().max(1));
+    progress(&format!(
+        "encrypting {} messages of {} bytes ({} per sender)",
+        per_pair * pairs.len(),
+        options.size,
+        per_pair
+    ));
+    pairs
+        .iter()
+        .map(|pair| prepare(pair, per_pair, options.size))
+        .collect()
+}
+
+pub async fn run(
+    server: &ServerProcess,
+    pairs: &[Pair],
+    prepared: &[Prepared],
+    options: &RelayOptions,
+) -> anyhow::Result<RelayResult> {
+    let mut index = HashMap::new();
+    let mut sent_at_ns = Vec::with_capacity(prepared.len());
+    for (p, batch) in prepared.iter().enumerate() {
+        for (i, message) in batch.messages.iter().enumerate() {
+            index.insert(message.request.message_id, (p, i));
+        }
+        sent_at_ns.push(
+            (0..batch.messages.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        );
+    }
+    let ledger = Arc::new(Ledger { index, sent_at_ns });
+    let total: usize = prepared.iter().map(|b| b.messages.len()).sum();
+    let ciphertext_bytes = prepared
+        .first()
+        .and_then(|b| b.messages.first())
+        .map_or(0, |m| m.request.message.len());
+
+    progress(&format!("connecting {} sockets", 2 * pairs.len()));
+    let mut senders = Vec::with_capacity(pairs.len());
+    let mut receivers = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        senders.push(pair.sender.connect_push().await?.split());
+        receivers.push(pair.receiver.connect_push().await?.split());
+    }
+    // Pacing: each sender's share of the rate, with starts spread over one interval.
+    let interval = options
+        .rate
+        .map(|rate| Duration::from_secs_f64(pairs.len() as f64 / rate.max(1.0)));
+
+    progress("timed part");
+    let server_cpu_before = server.cpu_seconds()?;
+    let own_cpu_before = own_cpu_seconds()?;
+    let start = Instant::now();
+    let deadline = start + options.timeout;
+    let receiving =
+        futures_util::future::join_all(receivers.into_iter().enumerate().map(|(p, (tx, rx))| {
+            receive(
+                tx,
+                rx,
+                prepared[p].messages.len(),
+                &ledger,
+                start,
+                deadline,
+                options.decrypt_every,
+            )
+        }));
+    let sending =
+        futures_util::future::join_all(senders.into_iter().enumerate().map(|(p, (tx, rx))| {
+            let offset = interval.map(|i| i.mul_f64(p as f64 / pairs.len().max(1) as f64));
+            send(
+                tx,
+                rx,
+                p,
+                &prepared[p],
+                &ledger,
+                start,
+                deadline,
+                interval.zip(offset),
+                options.window,
+            )
+        }));
+    let (received, sent) = tokio::join!(receiving, sending);
+    let wall = start.elapsed().as_secs_f64();
+    let server_cpu = server.cpu_seconds()? - server_cpu_before;
+    let own_cpu = own_cpu_seconds()? - own_cpu_before;
+    let server_rss_bytes = server.rss_bytes()?;
+
+    let mut latencies = Vec::with_capacity(total);
+    let (mut delivered, mut duplicates) = (0, 0);
+    let mut samples = Vec::new();
+    for (p, tally) in received.into_iter().enumerate() {
+        let tally = tally?;
+        delivered += tally.delivered;
+        duplicates += tally.duplicates;
+        latencies.extend(tally.latencies_ns);
+        samples.push((p, tally.sample));
+    }
+    let mut send_failures = 0;
+    for tally in sent {
+        let tally = tally?;
+        send_failures += tally.failed;
+        if let Some(error) = tally.first_error {
+            eprintln!("  !! a send failed: {error}");
+        }
+    }
+    // Proof that the traffic was real: the receivers' engines decrypt the sample.
+    let (mut decrypted, mut decrypt_failures) = (0, 0);
+    for (p, sample) in samples {
+        for envelope in sample {
+            match pairs[p].receiver.process_raw(&envelope) {
+                Ok(_) => decrypted += 1,
+                Err(err) => {
+                    decrypt_failures += 1;
+                    eprintln!("  !! sample message did not decrypt: {err}");
+                }
+            }
+        }
+    }
+    let per_message = |seconds: f64| seconds * 1e6 / delivered.max(1) as f64;
+    Ok(RelayResult {
+        mode: format!(
+            "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part",
+            options.decrypt_every
+        ),
+        pairs: pairs.len(),
+        messages: total,
+        message_bytes: options.size,
+        ciphertext_bytes,
+        offered_rate: options.rate,
+        delivered,
+        lost: total.saturating_sub(delivered),
+        duplicates,
+        send_failures,
+        decrypted_sample: decrypted,
+        decrypt_failures,
+        wall_seconds: wall,
+        delivered_per_second: delivered as f64 / wall,
+        server_cpu_seconds: server_cpu,
+        server_cpu_us_per_message: per_message(server_cpu),
+        server_cpu_seconds_per_1000: server_cpu * 1000.0 / delivered.max(1) as f64,
+        generator_cpu_seconds: own_cpu,
+        generator_cpu_us_per_message: per_message(own_cpu),
+        latency: Percentiles::of(&mut latencies),
+        server_rss_bytes,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    mut tx: PushSender,
+    mut rx: PushReceiver,
+    pair: usize,
+    prepared: &Prepared,
+    ledger: &Ledger,
+    start: Instant,
+    deadline: Instant,
+    pacing: Option<(Duration, Duration)>,
+    window: usize,
+) -> anyhow::Result<SenderTally> {
+    let total = prepared.messages.len();
+    let permits = Semaphore::new(window.max(1));
+    let writer = async {
+        for (i, message) in prepared.messages.iter().enumerate() {
+            if let Some((interval, offset)) = pacing {
+                let due = start + offset + interval.mul_f64(i as f64);
+                if due > Instant::now() {
+                    tx.flush().await?;
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+            match permits.try_acquire() {
+                Ok(permit) => permit.forget(),
+                Err(_) => {
+                    tx.flush().await?;
+                    permits.acquire().await.context("window closed")?.forget();
+                }
+            }
+            ledger.sent_at_ns[pair][i].store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            tx.feed(&ClientFrame::Send {
+                reference: i as u64,
+                group_id: message.group_id.clone(),
+                message_id: message.request.message_id,
+                message: message.request.message.clone(),
+            })
+            .await?;
+        }
+        tx.flush().await?;
+        anyhow::Ok(())
+    };
+    let reader = async {
+        let mut tally = SenderTally::default();
+        while tally.accepted + tally.failed < total {
+            let frame = tokio::time::timeout_at(deadline.into(), rx.next())
+                .await
+                .context("timed out waiting for send answers")??;
+            match frame {
+                Some(ServerFrame::Sent { .. }) => tally.accepted += 1,
+                Some(ServerFrame::SendFailed { error, .. }) => {
+                    tally.failed += 1;
+                    tally
+                        .first_error
+                        .get_or_insert(format!("{:?}: {}", error.code, error.message));
+                }
+                Some(ServerFrame::Error { error }) => bail!("server error: {}", error.message),
+                Some(_) => continue,
+                None => bail!("the server closed a sender's socket"),
+            }
+            permits.add_permits(1);
+        }
+        anyhow::Ok(tally)
+    };
+    let (written, tally) = tokio::join!(writer, reader);
+    written?;
+    tally
+}
+
+async fn receive(
+    mut tx: PushSender,
+    mut rx: PushReceiver,
+    expected: usize,
+    ledger: &Ledger,
+    start: Instant,
+    deadline: Instant,
+    decrypt_every: usize,
+) -> anyhow::Result<ReceiverTally> {
+    let mut tally = ReceiverTally {
+        latencies_ns: Vec::with_capacity(expected),
+        ..ReceiverTally::default()
+    };
+    let mut seen = vec![false; expected];
+    while tally.delivered < expected {
+        let Ok(frame) = tokio::time::timeout_at(deadline.into(), rx.next()).await else {
+            // Lost messages are counted by the caller.
+            break;
+        };
+        let Some(frame) = frame? else { break };
+        let ServerFrame::Envelopes { envelopes } = frame else {
+            continue;
+        };
+        let now = start.elapsed().as_nanos() as u64;
+        let mut ids = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            ids.push(envelope.id);
+            if envelope.kind != EnvelopeKind::Application {
+                continue;
+            }
+            let Some(&(pair, i)) = ledger.index.get(&envelope.message_id) else {
+                continue;
+            };
+            if seen.get(i).copied().unwrap_or(true) {
+                tally.duplicates += 1;
+                continue;
+            }
+            seen[i] = true;
+            tally.delivered += 1;
+            let sent = ledger.sent_at_ns[pair][i].load(Ordering::Relaxed);
+            tally.latencies_ns.push(now.saturating_sub(sent));
+            if decrypt_every > 0 && i % decrypt_every == 0 {
+                tally.sample.push(envelope);
+            }
+        }
+        tx.send(&ClientFrame::Ack { ids }).await?;
+    }
+    Ok(tally)
+}
