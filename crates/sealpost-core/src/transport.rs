@@ -57,6 +57,10 @@ impl Transport {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))
+            // The server closes a keep-alive connection that sends no request for 10 s
+            // (its slow-header timeout). Dropping ours sooner avoids sending a request on
+            // a connection the server is closing, which fails without a retry.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| CoreError::Unreachable {
                 url: base.clone(),

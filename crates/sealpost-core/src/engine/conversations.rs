@@ -272,7 +272,7 @@ pub(crate) fn commit_request(
         None => Vec::new(),
     };
     Ok(PostCommitRequest {
-        message_id: Uuid::new_v4(),
+        message_id: Uuid::now_v7(),
         commit: Bytes64(tls_bytes(commit)?),
         welcome: welcome.map(tls_bytes).transpose()?.map(Bytes64),
         added_devices: added,
@@ -602,7 +602,7 @@ impl Engine {
             let outgoing = OutgoingProposal {
                 group_id: group_id.to_owned(),
                 request: PostProposalRequest {
-                    message_id: Uuid::new_v4(),
+                    message_id: Uuid::now_v7(),
                     proposals: vec![Bytes64(tls_bytes(&proposal)?)],
                     leaving_devices: vec![identity.device_id],
                 },
@@ -714,7 +714,8 @@ impl Engine {
             let now = now_ms / 1000;
             let mut sent = Vec::with_capacity(texts.len());
             for (text, message_id) in texts {
-                let id = message_id.unwrap_or_else(Uuid::new_v4);
+                // Time-ordered ids keep the server's idempotency index append-only.
+                let id = message_id.unwrap_or_else(Uuid::now_v7);
                 let payload = AppMessage::text(id, now_ms, (*text).to_owned()).encode()?;
                 if let Some(gossip) = &gossip {
                     group.set_aad(gossip.clone());
