@@ -35,7 +35,7 @@ use crate::store::DeviceRecord;
 /// Inbound frames on a wake-mode socket are tiny.
 const WAKE_INBOUND_MAX: usize = 4 * 1024;
 /// Socket buffers: small, because most sockets are idle (memory per connection).
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 0;
 
 #[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
