@@ -49,7 +49,16 @@ impl IntoResponse for ApiError {
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut body = ErrorBody::new(self.code, self.message);
         body.error.current_epoch = self.current_epoch;
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        // Every rate limit (address, account, claims, sockets) tells the client when to
+        // retry, as the API promises.
+        if self.code == ErrorCode::RateLimited {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
