@@ -3,11 +3,25 @@
 use axum::Json;
 use axum::extract::{Query, State};
 use sealpost_proto::api::{AckRequest, AckResponse, MailboxQuery, MailboxResponse};
-use sealpost_proto::{ErrorCode, limits};
+use sealpost_proto::{ErrorBody, ErrorCode, limits};
 
 use super::{ApiJson, AppState, AuthDevice};
 use crate::error::ApiError;
 
+/// The oldest envelopes in the calling device's mailbox.
+#[utoipa::path(
+    get,
+    path = "/v1/mailbox",
+    tag = "mailbox",
+    operation_id = "fetch_mailbox",
+    security(("bearerAuth" = [])),
+    params(MailboxQuery),
+    responses(
+        (status = 200, description = "Envelopes, oldest first.", body = MailboxResponse),
+        (status = 400, description = "`bad_request`: `limit` is not a non-negative integer.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+    )
+)]
 pub async fn fetch(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
@@ -37,6 +51,23 @@ pub async fn fetch(
     Ok(Json(MailboxResponse { envelopes, more }))
 }
 
+/// Acknowledges (deletes) delivered envelopes of the calling device.
+#[utoipa::path(
+    post,
+    path = "/v1/mailbox/ack",
+    tag = "mailbox",
+    operation_id = "ack_mailbox",
+    security(("bearerAuth" = [])),
+    request_body = AckRequest,
+    responses(
+        (status = 200, description = "How many envelopes were deleted.", body = AckResponse),
+        (status = 400, description = "`bad_request`: the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: more than 1,000 ids, or the body is \
+            over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn ack(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,

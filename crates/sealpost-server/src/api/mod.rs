@@ -11,19 +11,21 @@ mod keypackages;
 mod kt;
 mod links;
 mod mailbox;
+pub mod openapi;
 mod ws;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request};
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{Request, header};
-use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use sealpost_proto::{ErrorCode, limits};
+use sealpost_proto::{ErrorBody, ErrorCode, limits};
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
+use utoipa_axum::routes;
 
 use crate::clock;
 use crate::config::Config;
@@ -50,10 +52,18 @@ pub struct AppState {
     pub tamper: Arc<std::sync::Mutex<crate::adversary::Tamper>>,
 }
 
-/// JSON body extractor whose rejections are API errors.
+/// JSON body extractor whose rejections are API errors: `400 bad_request` for a body that
+/// is not JSON, lacks `Content-Type: application/json` or does not match the type, and
+/// `413 payload_too_large` for a body over the route's limit.
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
+
+/// Path parameter extractor whose rejections are API errors (`400 bad_request`, for
+/// example a segment that percent-decodes to invalid UTF-8).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
 
 /// The device that presented a valid bearer token.
 pub struct AuthDevice(pub DeviceRecord);
@@ -95,72 +105,57 @@ pub(crate) async fn existing_account(
         .ok_or_else(|| ApiError::new(ErrorCode::UserNotFound, "no such user"))
 }
 
+/// Every route of the API, each registered from its handler's `#[utoipa::path]`
+/// annotation so that the router and the OpenAPI document ([`openapi::document`]) cannot
+/// disagree. Register routes only here and only with `routes!`: a test fails on any other
+/// way of adding one.
+pub(crate) fn documented_routes() -> OpenApiRouter<AppState> {
+    let small = || DefaultBodyLimit::max(limits::SMALL_BODY_MAX_BYTES);
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(accounts::register).layer(small()))
+        .routes(routes!(accounts::delete_account))
+        .routes(routes!(devices::remove))
+        .routes(routes!(devices::rename).layer(small()))
+        .routes(routes!(devices::claim))
+        .routes(routes!(links::create).layer(small()))
+        .routes(routes!(links::status))
+        .routes(routes!(links::join).layer(small()))
+        .routes(routes!(links::complete).layer(small()))
+        .routes(routes!(links::result).layer(small()))
+        .routes(routes!(accounts::challenge).layer(small()))
+        .routes(routes!(accounts::login).layer(small()))
+        .routes(routes!(accounts::whoami))
+        .routes(
+            routes!(keypackages::upload)
+                .layer(DefaultBodyLimit::max(limits::KEY_PACKAGE_BODY_MAX_BYTES)),
+        )
+        .routes(routes!(keypackages::count))
+        .routes(routes!(accounts::user_devices))
+        .routes(routes!(keypackages::claim).layer(small()))
+        .routes(routes!(groups::create).layer(small()))
+        .routes(routes!(groups::state))
+        .routes(routes!(groups::commit).layer(DefaultBodyLimit::max(limits::COMMIT_BODY_MAX_BYTES)))
+        .routes(routes!(groups::proposal).layer(small()))
+        .routes(routes!(groups::message).layer(small()))
+        .routes(routes!(mailbox::fetch))
+        .routes(routes!(mailbox::ack).layer(small()))
+        .routes(routes!(ws::upgrade))
+        .routes(routes!(kt::keys))
+        .routes(routes!(kt::root))
+        .routes(routes!(kt::roots))
+        .routes(routes!(kt::lookup))
+        .routes(routes!(kt::history))
+        .routes(routes!(kt::audit))
+}
+
 /// Builds the API router.
 pub fn router(state: AppState) -> Router {
-    let small = DefaultBodyLimit::max(limits::SMALL_BODY_MAX_BYTES);
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/accounts", post(accounts::register).layer(small))
-        .route("/v1/accounts/me", delete(accounts::delete_account))
-        .route("/v1/devices/{device_id}", delete(devices::remove))
-        .route(
-            "/v1/devices/{device_id}/name",
-            put(devices::rename).layer(small),
-        )
-        .route(
-            "/v1/devices/{device_id}/keypackages/claim",
-            post(devices::claim),
-        )
-        .route("/v1/links", post(links::create).layer(small))
-        .route("/v1/links/{link_id}", get(links::status))
-        .route("/v1/links/{link_id}/join", post(links::join).layer(small))
-        .route(
-            "/v1/links/{link_id}/complete",
-            post(links::complete).layer(small),
-        )
-        .route(
-            "/v1/links/{link_id}/result",
-            post(links::result).layer(small),
-        )
-        .route("/v1/auth/challenge", post(accounts::challenge).layer(small))
-        .route("/v1/auth/login", post(accounts::login).layer(small))
-        .route("/v1/me", get(accounts::whoami))
-        .route(
-            "/v1/keypackages",
-            post(keypackages::upload)
-                .layer(DefaultBodyLimit::max(limits::KEY_PACKAGE_BODY_MAX_BYTES))
-                .get(keypackages::count),
-        )
-        .route("/v1/users/{username}", get(accounts::user_devices))
-        .route(
-            "/v1/users/{username}/keypackages/claim",
-            post(keypackages::claim).layer(small),
-        )
-        .route("/v1/groups", post(groups::create).layer(small))
-        .route("/v1/groups/{group_id}", get(groups::state))
-        .route(
-            "/v1/groups/{group_id}/commits",
-            post(groups::commit).layer(DefaultBodyLimit::max(limits::COMMIT_BODY_MAX_BYTES)),
-        )
-        .route(
-            "/v1/groups/{group_id}/proposals",
-            post(groups::proposal).layer(small),
-        )
-        .route(
-            "/v1/groups/{group_id}/messages",
-            post(groups::message).layer(small),
-        )
-        .route("/v1/mailbox", get(mailbox::fetch))
-        .route("/v1/mailbox/ack", post(mailbox::ack).layer(small))
-        .route("/v1/ws", get(ws::upgrade))
-        .route("/v1/kt/keys", get(kt::keys))
-        .route("/v1/kt/root", get(kt::root))
-        .route("/v1/kt/roots", get(kt::roots))
-        .route("/v1/kt/lookup/{username}", get(kt::lookup))
-        .route("/v1/kt/history/{username}", get(kt::history))
-        .route("/v1/kt/audit", get(kt::audit))
+    let (routes, _) = documented_routes().split_for_parts();
+    routes
         .route_layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,
@@ -194,14 +189,38 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+/// The answer of `/healthz` and `/readyz`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct StatusResponse {
+    /// `ok` (`/healthz`) or `ready` (`/readyz`).
+    #[schema(pattern = "^(ok|ready)$")]
+    pub status: &'static str,
+}
+
+/// The process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is up.", body = StatusResponse))
+)]
+async fn healthz() -> Json<StatusResponse> {
+    Json(StatusResponse { status: "ok" })
 }
 
 /// Ready to serve: the database and key directory are open and shutdown has not begun.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready.", body = StatusResponse),
+        (status = 503, description = "`unavailable`: starting or shutting down.", body = ErrorBody),
+    )
+)]
 async fn readyz(
     axum::extract::State(state): axum::extract::State<AppState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<StatusResponse>, ApiError> {
     if !state.ready.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ApiError::new(
             ErrorCode::Unavailable,
@@ -213,10 +232,21 @@ async fn readyz(
         .store
         .group("00000000000000000000000000000000")
         .await?;
-    Ok(Json(serde_json::json!({ "status": "ready" })))
+    Ok(Json(StatusResponse { status: "ready" }))
 }
 
 /// Prometheus metrics (no per-user labels).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((
+        status = 200,
+        description = "Prometheus text exposition format 0.0.4.",
+        body = String,
+        content_type = "text/plain"
+    ))
+)]
 async fn metrics(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
@@ -245,8 +275,11 @@ async fn metrics(
     ))
 }
 
+/// The message of the `404 not_found` answer for a path that is no route.
+pub(crate) const NO_SUCH_ENDPOINT: &str = "no such endpoint";
+
 async fn not_found() -> ApiError {
-    ApiError::new(ErrorCode::NotFound, "no such endpoint")
+    ApiError::new(ErrorCode::NotFound, NO_SUCH_ENDPOINT)
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -5,6 +5,7 @@
 //! away. Inbound frames are capped and ignored, except close.
 
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use sealpost_proto::api::ServerEvent;
@@ -13,16 +14,41 @@ use uuid::Uuid;
 use super::{AppState, AuthDevice};
 use crate::error::ApiError;
 use axum::response::IntoResponse as _;
-use sealpost_proto::ErrorCode;
+use sealpost_proto::{ErrorBody, ErrorCode};
 
 /// Inbound WebSocket frames and messages are tiny; the socket is for wake-ups.
 const MAX_INBOUND: usize = 4 * 1024;
 
+/// Opens the device's WebSocket of `ServerEvent`s (`{"type":"mailbox_ready"}` on
+/// connect and whenever mail arrives).
+#[utoipa::path(
+    get,
+    path = "/v1/ws",
+    tag = "mailbox",
+    operation_id = "websocket",
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 101, description = "Switching Protocols: the WebSocket."),
+        (status = 400, description = "`bad_request`: not a WebSocket upgrade request (headers \
+            `Connection: upgrade`, `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and \
+            `Sec-WebSocket-Key` are needed).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many open WebSockets for this account \
+            (or requests from this address or account); retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
 pub async fn upgrade(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // axum answers a request that is no WebSocket upgrade in plain text; every error of
+    // this API is an error body.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return ApiError::bad_request(rejection.body_text()).into_response(),
+    };
     let Some(slot) = state
         .notifier
         .reserve_socket(&device.username, state.config.limits.sockets_per_account)
