@@ -53,11 +53,62 @@ pub struct AppState {
 }
 
 /// JSON body extractor whose rejections are API errors: `400 bad_request` for a body that
-/// is not JSON, lacks `Content-Type: application/json` or does not match the type, and
-/// `413 payload_too_large` for a body over the route's limit.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// is not a JSON object, lacks `Content-Type: application/json` or does not match the
+/// type, and `413 payload_too_large` for a body over the route's limit.
+///
+/// Unlike `axum::Json` it accepts only an object at the top level: serde would also read a
+/// struct from a JSON array of its fields (`[]` for a struct whose fields all have
+/// defaults), which is not the documented wire format.
 pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json_content_type(request.headers()) {
+            return Err(ApiError::bad_request(
+                "expected a request with `Content-Type: application/json`",
+            ));
+        }
+        let body = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
+                } else {
+                    ApiError::bad_request(rejection.body_text())
+                }
+            })?;
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
+        }
+        let Json(value) = Json::<T>::from_bytes(&body)?;
+        Ok(Self(value))
+    }
+}
+
+/// `application/json`, or `application/*+json`, with any parameters.
+fn is_json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence
+        .strip_prefix("application/")
+        .is_some_and(|subtype| subtype == "json" || subtype.ends_with("+json"))
+}
 
 /// Path parameter extractor whose rejections are API errors (`400 bad_request`, for
 /// example a segment that percent-decodes to invalid UTF-8).
