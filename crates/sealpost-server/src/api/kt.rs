@@ -33,6 +33,14 @@ impl From<KtError> for ApiError {
     }
 }
 
+/// Epochs are SQLite integers: larger ones cannot exist and are a malformed request.
+fn check_epochs(range: &EpochRange) -> Result<(), ApiError> {
+    if i64::try_from(range.from).is_err() || i64::try_from(range.to).is_err() {
+        return Err(ApiError::bad_request("an epoch is at most 2^63 - 1"));
+    }
+    Ok(())
+}
+
 fn check_username(username: &str) -> Result<(), ApiError> {
     validate_username(username)
         .map_err(|e| ApiError::new(ErrorCode::InvalidUsername, e.to_string()))
@@ -78,7 +86,7 @@ pub async fn root(State(state): State<AppState>) -> Result<Json<SignedRoot>, Api
     responses(
         (status = 200, description = "The roots in the range that exist, oldest first.", body = RootsResponse),
         (status = 400, description = "`bad_request`: `from` or `to` is missing or not an \
-            non-negative integer, `to < from`, or the range spans more than 1,000 epochs.", body = ErrorBody),
+            integer from 0 to 2^63 - 1, `to < from`, or the range spans more than 1,000 epochs.", body = ErrorBody),
     )
 )]
 pub async fn roots(
@@ -86,6 +94,7 @@ pub async fn roots(
     query: Result<Query<EpochRange>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<RootsResponse>, ApiError> {
     let Query(range) = query?;
+    check_epochs(&range)?;
     if range.to < range.from || range.to - range.from >= MAX_ROOTS {
         return Err(ApiError::bad_request(format!(
             "ask for 1 to {MAX_ROOTS} epochs, from <= to"
@@ -153,7 +162,7 @@ pub async fn history(
     responses(
         (status = 200, description = "The proof and roots.", body = AuditResponse),
         (status = 400, description = "`bad_request`: `from` or `to` is missing or not an \
-            non-negative integer, `to <= from`, or the range spans more than 100 epochs.", body = ErrorBody),
+            integer from 0 to 2^63 - 1, `to <= from`, or the range spans more than 100 epochs.", body = ErrorBody),
         (status = 404, description = "`not_found`: an epoch of the range does not exist.", body = ErrorBody),
     )
 )]
@@ -162,6 +171,7 @@ pub async fn audit(
     query: Result<Query<EpochRange>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditResponse>, ApiError> {
     let Query(range) = query?;
+    check_epochs(&range)?;
     if range.to <= range.from || range.to - range.from > MAX_AUDIT_SPAN {
         return Err(ApiError::bad_request(format!(
             "an audit spans 1 to {MAX_AUDIT_SPAN} epochs, from < to"

@@ -61,8 +61,9 @@ pub async fn fetch(
     request_body = AckRequest,
     responses(
         (status = 200, description = "How many envelopes were deleted.", body = AckResponse),
-        (status = 400, description = "`bad_request`: the body is not JSON (or lacks \
-            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 400, description = "`bad_request`: an id is over 2^63 - 1, or the body is \
+            not JSON (or lacks `Content-Type: application/json`) or has wrong, unknown or \
+            missing fields.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: more than 1,000 ids, or the body is \
             over 256 KiB.", body = ErrorBody),
@@ -78,6 +79,10 @@ pub async fn ack(
             ErrorCode::PayloadTooLarge,
             format!("at most {} ids per acknowledgement", limits::ACK_MAX_IDS),
         ));
+    }
+    // Envelope ids are SQLite row ids: larger ones cannot exist and are a malformed request.
+    if request.ids.iter().any(|&id| i64::try_from(id).is_err()) {
+        return Err(ApiError::bad_request("an envelope id is at most 2^63 - 1"));
     }
     let removed = state.store.ack(device.device_id, &request.ids).await?;
     Ok(Json(AckResponse { removed }))
