@@ -339,3 +339,144 @@ async fn method_not_allowed() -> ApiError {
         "method not allowed for this endpoint",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::store::AccountRecord;
+    use crate::testing::TestServer;
+
+    /// A device with a bearer token, put straight into the store.
+    async fn token(server: &TestServer) -> String {
+        let device_id = Uuid::new_v4();
+        let store = &server.state().store;
+        store
+            .create_account(
+                &AccountRecord {
+                    username: "tester".into(),
+                    account_key: vec![1; 32],
+                    created_day: 0,
+                    last_seen_day: 0,
+                },
+                &DeviceRecord {
+                    device_id,
+                    username: "tester".into(),
+                    signature_key: vec![2; 32],
+                    certificate: vec![3],
+                    created_day: 0,
+                    name_sealed: None,
+                },
+            )
+            .await
+            .unwrap();
+        let token = "test-token";
+        store
+            .insert_token(&Sha256::digest(token), device_id, clock::now_unix() + 3600)
+            .await
+            .unwrap();
+        token.to_owned()
+    }
+
+    async fn answer(response: reqwest::Response) -> (u16, Value) {
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// serde reads a struct from a JSON array of its fields too; the API takes objects only.
+    #[tokio::test]
+    async fn bodies_must_be_json_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::start(dir.path()).await;
+        let http = reqwest::Client::new();
+        let url = format!("{}/v1/auth/challenge", server.url());
+        let nil = Uuid::nil().to_string();
+        for body in [json!([nil]), json!([]), json!(null), json!("x")] {
+            let (status, error) = answer(http.post(&url).json(&body).send().await.unwrap()).await;
+            assert_eq!(status, 400, "{body}: {error}");
+            assert_eq!(error["error"]["code"], "bad_request");
+        }
+        // Without the JSON content type, also 400 (axum would say 415).
+        let response = http.post(&url).body(format!(r#"{{"device_id":"{nil}"}}"#));
+        let (status, error) = answer(response.send().await.unwrap()).await;
+        assert_eq!(
+            (status, &error["error"]["code"]),
+            (400, &json!("bad_request"))
+        );
+        // An object goes through to the handler (no such device).
+        let response = http
+            .post(&url)
+            .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+            .body(format!(r#" {{"device_id":"{nil}"}}"#));
+        let (status, error) = answer(response.send().await.unwrap()).await;
+        assert_eq!(
+            (status, &error["error"]["code"]),
+            (404, &json!("device_not_found"))
+        );
+        server.stop().await;
+    }
+
+    /// Envelope ids and epochs are SQLite integers; larger values are refused, not wrapped.
+    #[tokio::test]
+    async fn integers_above_i64_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::start(dir.path()).await;
+        let http = reqwest::Client::new();
+        let big = u64::MAX / 2 + 1;
+        for path in ["roots", "audit"] {
+            let url = format!("{}/v1/kt/{path}?from={big}&to={big}", server.url());
+            let (status, error) = answer(http.get(url).send().await.unwrap()).await;
+            assert_eq!(
+                (status, &error["error"]["code"]),
+                (400, &json!("bad_request"))
+            );
+        }
+        let token = token(&server).await;
+        let ack = |ids: Vec<u64>| {
+            http.post(format!("{}/v1/mailbox/ack", server.url()))
+                .bearer_auth(&token)
+                .json(&json!({ "ids": ids }))
+                .send()
+        };
+        let (status, error) = answer(ack(vec![1, big]).await.unwrap()).await;
+        assert_eq!(
+            (status, &error["error"]["code"]),
+            (400, &json!("bad_request"))
+        );
+        let (status, removed) = answer(ack(vec![1, big - 1]).await.unwrap()).await;
+        assert_eq!((status, removed), (200, json!({ "removed": 0 })));
+        server.stop().await;
+    }
+
+    /// Every rate-limited answer says when to retry.
+    #[tokio::test]
+    async fn rate_limited_answers_carry_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = TestServer::config(dir.path());
+        config.limits.account_per_second = 1;
+        config.limits.account_burst = 1;
+        let server = TestServer::start_with(config).await;
+        let token = token(&server).await;
+        let http = reqwest::Client::new();
+        let mut limited = None;
+        for _ in 0..5 {
+            let response = http
+                .get(format!("{}/v1/me", server.url()))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 429 {
+                limited = Some(response);
+                break;
+            }
+        }
+        let response = limited.expect("the account limit never answered 429");
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let (_, error) = answer(response).await;
+        assert_eq!(error["error"]["code"], "rate_limited");
+        server.stop().await;
+    }
+}
