@@ -271,6 +271,12 @@ impl Client {
         &self.home
     }
 
+    /// The device's current bearer token, for tools that call the HTTP API directly (the
+    /// API fuzzing in `scripts/schemathesis.sh`). It grants everything the device can do.
+    pub fn bearer_token(&self) -> Option<String> {
+        self.transport.token()
+    }
+
     pub fn whoami(&self) -> Result<WhoAmI, CoreError> {
         let engine = self.engine()?;
         let identity = engine.identity()?;

@@ -119,18 +119,26 @@ pub fn root_signed_bytes(epoch: u64, root_hash: &[u8], vrf_public_key: &[u8]) ->
     out
 }
 
-/// An epoch's root hash with the server's signature over [`root_signed_bytes`].
+/// An epoch's root hash with the server's signature over it (`root_signed_bytes`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SignedRoot {
     pub epoch: u64,
+    /// The directory's root hash (32 bytes).
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::bytes::sized::<32, 32>))]
     pub root_hash: Bytes64,
+    /// Ed25519 signature (64 bytes) by the KT signing key over `"sealpost kt root v1" |
+    /// epoch (u64, big-endian) | root_hash | vrf_public_key`.
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::bytes::sized::<64, 64>))]
     pub signature: Bytes64,
 }
 
 /// The server's KT public keys, pinned by clients at registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KtKeysResponse {
-    /// Ed25519 key that signs roots.
+    /// Ed25519 key that signs roots (32 bytes).
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::bytes::sized::<32, 32>))]
     pub signing_key: Bytes64,
     /// The directory's VRF public key.
     pub vrf_public_key: Bytes64,
@@ -138,6 +146,7 @@ pub struct KtKeysResponse {
 
 /// A lookup proof for one username against a signed root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LookupEnvelope {
     pub root: SignedRoot,
     /// CBOR of akd's `LookupProof`.
@@ -146,6 +155,7 @@ pub struct LookupEnvelope {
 
 /// A username's complete key history against a signed root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryResponse {
     pub root: SignedRoot,
     /// CBOR of akd's `HistoryProof`.
@@ -154,6 +164,7 @@ pub struct HistoryResponse {
 
 /// Signed roots of a range of epochs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RootsResponse {
     pub roots: Vec<SignedRoot>,
 }
@@ -161,6 +172,7 @@ pub struct RootsResponse {
 /// An append-only proof between two epochs, with the signed roots of every epoch in
 /// between.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditResponse {
     pub roots: Vec<SignedRoot>,
     /// CBOR of akd's `AppendOnlyProof`.
@@ -168,8 +180,12 @@ pub struct AuditResponse {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct EpochRange {
+    /// First epoch of the range.
     pub from: u64,
+    /// Last epoch of the range (inclusive).
     pub to: u64,
 }
 

@@ -21,7 +21,7 @@ pub mod metrics;
 pub mod mls;
 pub mod notify;
 pub mod store;
-#[cfg(feature = "test-support")]
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 
 use std::future::Future;

@@ -129,13 +129,8 @@ pub async fn per_address(
     if let Some(address) = address
         && limits.ip.check_key(&address).is_err()
     {
-        let mut response =
-            limited("too many requests from your address; slow down").into_response();
-        response.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-        return response;
+        // `Retry-After` is set by `ApiError` for every `rate_limited` answer.
+        return limited("too many requests from your address; slow down").into_response();
     }
     next.run(request).await
 }

@@ -145,3 +145,48 @@ async fn shutdown_signal() {
     }
     tracing::info!("shutting down");
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// The defaults shown in `--help` are the ones `Limits::default()` uses, and flags
+    /// override them.
+    #[test]
+    fn limit_flags() {
+        let help = Args::command().render_long_help().to_string();
+        let defaults = Limits::default();
+        for shown in [
+            format!(
+                "from one client address [default: {}]",
+                defaults.ip_per_second
+            ),
+            format!("from one client address [default: {}]", defaults.ip_burst),
+            format!("by one account [default: {}]", defaults.account_per_second),
+            format!("by one account [default: {}]", defaults.account_burst),
+            format!("by one account [default: {}]", defaults.claims_per_minute),
+            format!("by one account [default: {}]", defaults.claims_burst),
+            format!("per account [default: {}]", defaults.sockets_per_account),
+            format!(
+                "its body included [default: {}]",
+                defaults.request_timeout.as_secs()
+            ),
+            format!(
+                "request's headers [default: {}]",
+                defaults.header_read_timeout.as_secs()
+            ),
+            format!("refused [default: {}]", defaults.mailbox_quota),
+        ] {
+            assert!(help.contains(&shown), "--help lacks {shown:?}:\n{help}");
+        }
+        let args =
+            Args::try_parse_from(["sealpost-server", "--ip-rate", "7", "--mailbox-quota", "9"])
+                .unwrap();
+        let limits = args.limits();
+        assert_eq!(limits.ip_per_second, 7);
+        assert_eq!(limits.mailbox_quota, 9);
+        assert_eq!(limits.ip_burst, defaults.ip_burst);
+    }
+}

@@ -1,7 +1,7 @@
 //! Registration, challenge-response login, and account lookups.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand::RngCore as _;
@@ -11,11 +11,11 @@ use sealpost_proto::api::{
 };
 use sealpost_proto::certificate::DeviceCertificate;
 use sealpost_proto::names::validate_username;
-use sealpost_proto::{Bytes64, ErrorCode, limits};
+use sealpost_proto::{Bytes64, ErrorBody, ErrorCode, limits};
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
-use super::{ApiJson, AppState, AuthDevice, existing_account};
+use super::{ApiJson, ApiPath, AppState, AuthDevice, existing_account};
 use crate::clock;
 use crate::error::ApiError;
 use crate::store::{AccountRecord, DeviceRecord};
@@ -56,6 +56,23 @@ pub(crate) fn verify_certificate(
     Ok(cert)
 }
 
+/// Registers an account and its first device; the server verifies the certificate.
+#[utoipa::path(
+    post,
+    path = "/v1/accounts",
+    tag = "accounts",
+    operation_id = "register",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "Registered.", body = RegisterResponse),
+        (status = 400, description = "`invalid_username`, `invalid_certificate`, or \
+            `bad_request`: the account key is not an Ed25519 key, or the body is not JSON \
+            (or lacks `Content-Type: application/json`) or has wrong, unknown or missing \
+            fields.", body = ErrorBody),
+        (status = 409, description = "`username_taken` or `device_exists`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn register(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<RegisterRequest>,
@@ -98,6 +115,21 @@ pub async fn register(
     ))
 }
 
+/// Asks for a login challenge for a device (valid for 60 s).
+#[utoipa::path(
+    post,
+    path = "/v1/auth/challenge",
+    tag = "accounts",
+    operation_id = "login_challenge",
+    request_body = ChallengeRequest,
+    responses(
+        (status = 200, description = "A challenge to sign.", body = ChallengeResponse),
+        (status = 400, description = "`bad_request`: the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 404, description = "`device_not_found`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn challenge(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<ChallengeRequest>,
@@ -125,6 +157,24 @@ pub async fn challenge(
     }))
 }
 
+/// Answers a challenge with the device key's signature over `"sealpost login v1" |
+/// device_id | nonce` and gets a bearer token (valid for 7 days). A challenge works once.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/login",
+    tag = "accounts",
+    operation_id = "login",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Logged in.", body = LoginResponse),
+        (status = 400, description = "`bad_request`: the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 401, description = "`challenge_invalid` (unknown, expired or used) or \
+            `invalid_signature`.", body = ErrorBody),
+        (status = 404, description = "`device_not_found`: the device was removed.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn login(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<LoginRequest>,
@@ -182,6 +232,18 @@ pub async fn login(
     }))
 }
 
+/// Who the bearer token belongs to.
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "accounts",
+    operation_id = "whoami",
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 200, description = "The token's account and device.", body = WhoAmIResponse),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+    )
+)]
 pub async fn whoami(AuthDevice(device): AuthDevice) -> Json<WhoAmIResponse> {
     Json(WhoAmIResponse {
         username: device.username,
@@ -189,10 +251,28 @@ pub async fn whoami(AuthDevice(device): AuthDevice) -> Json<WhoAmIResponse> {
     })
 }
 
+/// An account's key and device certificates as the key directory published them, with
+/// the lookup proof.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{username}",
+    tag = "accounts",
+    operation_id = "user_devices",
+    security(("bearerAuth" = [])),
+    params(("username" = String, Path, pattern = "^[a-z0-9_.]{3,32}$")),
+    responses(
+        (status = 200, description = "The account's published entry.", body = UserDevicesResponse),
+        (status = 400, description = "`invalid_username`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 404, description = "`user_not_found`.", body = ErrorBody),
+        (status = 409, description = "`kt_pending`: the key directory has not published the \
+            account yet; retry in a few seconds.", body = ErrorBody),
+    )
+)]
 pub async fn user_devices(
     State(state): State<AppState>,
     _auth: AuthDevice,
-    Path(username): Path<String>,
+    ApiPath(username): ApiPath<String>,
 ) -> Result<Json<UserDevicesResponse>, ApiError> {
     existing_account(&state, &username).await?;
     // Answer with exactly what the directory published, and its proof: devices added
@@ -244,6 +324,17 @@ pub async fn user_devices(
 
 /// Deletes the caller's account and all its devices. The username becomes free again; a
 /// new account under it has a new account key, which contacts see as a key change.
+#[utoipa::path(
+    delete,
+    path = "/v1/accounts/me",
+    tag = "accounts",
+    operation_id = "delete_account",
+    security(("bearerAuth" = [])),
+    responses(
+        (status = 204, description = "The account and all its devices are deleted."),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+    )
+)]
 pub async fn delete_account(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,

@@ -2,13 +2,13 @@
 //! linking a new device (see [`crate::api::links`]).
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use sealpost_proto::api::{ClaimKeyPackagesResponse, ClaimedKeyPackage, RenameDeviceRequest};
-use sealpost_proto::{Bytes64, ErrorCode, limits};
+use sealpost_proto::{Bytes64, ErrorBody, ErrorCode, limits};
 use uuid::Uuid;
 
-use super::{ApiJson, AppState, AuthDevice, existing_account};
+use super::{ApiJson, ApiPath, AppState, AuthDevice, existing_account};
 use crate::error::ApiError;
 use crate::store::DeviceRecord;
 
@@ -32,10 +32,30 @@ async fn own_device(
     }
 }
 
+/// Sets a device's sealed name (one of the caller's account's devices).
+#[utoipa::path(
+    put,
+    path = "/v1/devices/{device_id}/name",
+    tag = "devices",
+    operation_id = "rename_device",
+    security(("bearerAuth" = [])),
+    params(("device_id" = Uuid, Path)),
+    request_body = RenameDeviceRequest,
+    responses(
+        (status = 204, description = "Renamed."),
+        (status = 400, description = "`bad_request`: the device id is not a UUID, or the body \
+            is not JSON (or lacks `Content-Type: application/json`) or has wrong, unknown or \
+            missing fields.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 404, description = "`device_not_found`: no such device in the caller's account.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the sealed name is empty or over 512 \
+            bytes, or the body is over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn rename(
     State(state): State<AppState>,
     AuthDevice(caller): AuthDevice,
-    Path(device_id): Path<String>,
+    ApiPath(device_id): ApiPath<String>,
     ApiJson(request): ApiJson<RenameDeviceRequest>,
 ) -> Result<StatusCode, ApiError> {
     let device = own_device(&state, &caller, &device_id).await?;
@@ -54,10 +74,27 @@ pub async fn rename(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Revokes another device of the caller's account: its token, KeyPackages, memberships
+/// and mailbox are deleted at once.
+#[utoipa::path(
+    delete,
+    path = "/v1/devices/{device_id}",
+    tag = "devices",
+    operation_id = "remove_device",
+    security(("bearerAuth" = [])),
+    params(("device_id" = Uuid, Path)),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 400, description = "`bad_request`: the device id is not a UUID, or it is the \
+            calling device (a device cannot revoke itself).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 404, description = "`device_not_found`: no such device in the caller's account.", body = ErrorBody),
+    )
+)]
 pub async fn remove(
     State(state): State<AppState>,
     AuthDevice(caller): AuthDevice,
-    Path(device_id): Path<String>,
+    ApiPath(device_id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let device = own_device(&state, &caller, &device_id).await?;
     if device.device_id == caller.device_id {
@@ -70,10 +107,28 @@ pub async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Claims one KeyPackage of one device (a one-time one, else its last-resort one).
+#[utoipa::path(
+    post,
+    path = "/v1/devices/{device_id}/keypackages/claim",
+    tag = "keypackages",
+    operation_id = "claim_device_key_package",
+    security(("bearerAuth" = [])),
+    params(("device_id" = Uuid, Path)),
+    responses(
+        (status = 200, description = "One KeyPackage of the device.", body = ClaimKeyPackagesResponse),
+        (status = 400, description = "`bad_request`: the device id is not a UUID.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 404, description = "`device_not_found` or `no_key_packages`.", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many KeyPackage claims by this account \
+            (or requests from this address or account); retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
 pub async fn claim(
     State(state): State<AppState>,
     AuthDevice(caller): AuthDevice,
-    Path(device_id): Path<String>,
+    ApiPath(device_id): ApiPath<String>,
 ) -> Result<Json<ClaimKeyPackagesResponse>, ApiError> {
     state.rate_limits.check_claim(&caller.username)?;
     let device_id = parse_device_id(&device_id)?;

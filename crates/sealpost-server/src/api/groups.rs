@@ -1,16 +1,16 @@
 //! Group registration and sequencing of commits, proposals and application messages.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use sealpost_proto::api::{
     CreateGroupRequest, EnvelopeKind, GroupStateResponse, PostCommitRequest, PostMessageRequest,
     PostProposalRequest, SequencedResponse, is_valid_group_id,
 };
-use sealpost_proto::{ErrorCode, limits};
+use sealpost_proto::{ErrorBody, ErrorCode, limits};
 use uuid::Uuid;
 
-use super::{ApiJson, AppState, AuthDevice};
+use super::{ApiJson, ApiPath, AppState, AuthDevice};
 use crate::clock;
 use crate::error::ApiError;
 use crate::mls::{self, Expected};
@@ -41,6 +41,24 @@ fn state_response(group: GroupState) -> Json<GroupStateResponse> {
     })
 }
 
+/// Registers a group at epoch 0 with the calling device as its only member.
+#[utoipa::path(
+    post,
+    path = "/v1/groups",
+    tag = "groups",
+    operation_id = "create_group",
+    security(("bearerAuth" = [])),
+    request_body = CreateGroupRequest,
+    responses(
+        (status = 201, description = "The new group.", body = GroupStateResponse),
+        (status = 400, description = "`bad_request`: the group id is not 32 lowercase hex \
+            characters, or the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 409, description = "`group_exists`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
@@ -54,10 +72,27 @@ pub async fn create(
     Ok((StatusCode::CREATED, state_response(group)))
 }
 
+/// A group's epoch and member devices (members only).
+#[utoipa::path(
+    get,
+    path = "/v1/groups/{group_id}",
+    tag = "groups",
+    operation_id = "group_state",
+    security(("bearerAuth" = [])),
+    params(("group_id" = String, Path, pattern = "^[0-9a-f]{32}$")),
+    responses(
+        (status = 200, description = "The group.", body = GroupStateResponse),
+        (status = 400, description = "`bad_request`: the group id is not 32 lowercase hex \
+            characters.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 403, description = "`not_a_member`.", body = ErrorBody),
+        (status = 404, description = "`group_not_found`.", body = ErrorBody),
+    )
+)]
 pub async fn state(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
-    Path(group_id): Path<String>,
+    ApiPath(group_id): ApiPath<String>,
 ) -> Result<Json<GroupStateResponse>, ApiError> {
     group_id_bytes(&group_id)?;
     let group = state
@@ -142,10 +177,36 @@ fn new_request(
     }
 }
 
+/// Sequences a commit (MLS PublicMessage) for the group's current epoch: the first one
+/// wins. `added_devices` get the Welcome; `removed_devices` get this commit and nothing
+/// after it.
+#[utoipa::path(
+    post,
+    path = "/v1/groups/{group_id}/commits",
+    tag = "groups",
+    operation_id = "post_commit",
+    security(("bearerAuth" = [])),
+    params(("group_id" = String, Path, pattern = "^[0-9a-f]{32}$")),
+    request_body = PostCommitRequest,
+    responses(
+        (status = 200, description = "Sequenced and stored for every recipient.", body = SequencedResponse),
+        (status = 400, description = "`invalid_message` (not an MLS commit of this group, or the Welcome does not parse), or `bad_request`: the group id is \
+            not 32 lowercase hex characters, a Welcome is missing or superfluous, an added device is already a member, or the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 403, description = "`not_a_member`.", body = ErrorBody),
+        (status = 404, description = "`group_not_found`, or `device_not_found`: an added device is unknown.", body = ErrorBody),
+        (status = 409, description = "`epoch_conflict` (with `current_epoch`: process what you \
+            missed and retry) or `duplicate_message_id`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the commit is over 4 MiB, the Welcome \
+            over 3 MiB, or the body over the route's limit (about 9.4 MB).", body = ErrorBody),
+        (status = 422, description = "`limit_exceeded`: more than 2,000 devices added and removed.", body = ErrorBody),
+    )
+)]
 pub async fn commit(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
-    Path(group_id): Path<String>,
+    ApiPath(group_id): ApiPath<String>,
     ApiJson(request): ApiJson<PostCommitRequest>,
 ) -> Result<Json<SequencedResponse>, ApiError> {
     let raw_group = group_id_bytes(&group_id)?;
@@ -191,10 +252,34 @@ pub async fn commit(
     sequence(&state, sequence_request).await
 }
 
+/// Sequences one standalone proposal (MLS PublicMessage), used to leave a group; the
+/// server stops delivering to `leaving_devices`.
+#[utoipa::path(
+    post,
+    path = "/v1/groups/{group_id}/proposals",
+    tag = "groups",
+    operation_id = "post_proposal",
+    security(("bearerAuth" = [])),
+    params(("group_id" = String, Path, pattern = "^[0-9a-f]{32}$")),
+    request_body = PostProposalRequest,
+    responses(
+        (status = 200, description = "Sequenced and stored for every recipient.", body = SequencedResponse),
+        (status = 400, description = "`invalid_message` (not an MLS proposal of this group), or `bad_request`: the group id is \
+            not 32 lowercase hex characters, not exactly one proposal, or the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 403, description = "`not_a_member`: the caller is not a member, or a leaving device is not of the caller's account.", body = ErrorBody),
+        (status = 404, description = "`group_not_found`.", body = ErrorBody),
+        (status = 409, description = "`epoch_conflict` (with `current_epoch`: process what you \
+            missed and retry) or `duplicate_message_id`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the proposal is over 64 KiB or the \
+            body over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn proposal(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
-    Path(group_id): Path<String>,
+    ApiPath(group_id): ApiPath<String>,
     ApiJson(request): ApiJson<PostProposalRequest>,
 ) -> Result<Json<SequencedResponse>, ApiError> {
     let raw_group = group_id_bytes(&group_id)?;
@@ -229,10 +314,34 @@ pub async fn proposal(
     sequence(&state, sequence_request).await
 }
 
+/// Sequences an application message (MLS PrivateMessage) for the group's current epoch.
+#[utoipa::path(
+    post,
+    path = "/v1/groups/{group_id}/messages",
+    tag = "groups",
+    operation_id = "post_message",
+    security(("bearerAuth" = [])),
+    params(("group_id" = String, Path, pattern = "^[0-9a-f]{32}$")),
+    request_body = PostMessageRequest,
+    responses(
+        (status = 200, description = "Sequenced and stored for every recipient.", body = SequencedResponse),
+        (status = 400, description = "`invalid_message` (not an MLS application message of this group), or `bad_request`: the group id is \
+            not 32 lowercase hex characters, or the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 403, description = "`not_a_member`.", body = ErrorBody),
+        (status = 404, description = "`group_not_found`.", body = ErrorBody),
+        (status = 409, description = "`epoch_conflict` (with `current_epoch`: process what you \
+            missed and retry) or `duplicate_message_id`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the message is over 64 KiB or the \
+            body over 256 KiB.", body = ErrorBody),
+        (status = 507, description = "`mailbox_full`: a recipient's mailbox is full.", body = ErrorBody),
+    )
+)]
 pub async fn message(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
-    Path(group_id): Path<String>,
+    ApiPath(group_id): ApiPath<String>,
     ApiJson(request): ApiJson<PostMessageRequest>,
 ) -> Result<Json<SequencedResponse>, ApiError> {
     let request = application_request(

@@ -14,17 +14,17 @@
 //! random bits) cannot be guessed through the server; a session is used once.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use sealpost_proto::api::{
     CompleteLinkRequest, CreateLinkRequest, CreateLinkResponse, JoinLinkRequest, LinkResultRequest,
     LinkResultResponse, LinkStatusResponse, is_valid_link_id,
 };
-use sealpost_proto::{Bytes64, ErrorCode, limits};
+use sealpost_proto::{Bytes64, ErrorBody, ErrorCode, limits};
 use sha2::{Digest as _, Sha256};
 
 use super::accounts::verify_certificate;
-use super::{ApiJson, AppState, AuthDevice, existing_account};
+use super::{ApiJson, ApiPath, AppState, AuthDevice, existing_account};
 use crate::clock;
 use crate::error::ApiError;
 use crate::store::{DeviceRecord, LinkRecord, LinkState};
@@ -98,6 +98,23 @@ async fn owned_link(
     }
 }
 
+/// Opens a device-link session (kept for 10 minutes).
+#[utoipa::path(
+    post,
+    path = "/v1/links",
+    tag = "links",
+    operation_id = "create_link",
+    security(("bearerAuth" = [])),
+    request_body = CreateLinkRequest,
+    responses(
+        (status = 201, description = "The session is open.", body = CreateLinkResponse),
+        (status = 400, description = "`bad_request`: the link id is not 16 lowercase hex \
+            characters or already in use, the verifier is not 32 bytes, or the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields." , body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     AuthDevice(caller): AuthDevice,
@@ -128,10 +145,27 @@ pub async fn create(
     ))
 }
 
+/// The state of one of the caller's link sessions, with the new device's sealed request
+/// once it joined.
+#[utoipa::path(
+    get,
+    path = "/v1/links/{link_id}",
+    tag = "links",
+    operation_id = "link_status",
+    security(("bearerAuth" = [])),
+    params(("link_id" = String, Path, pattern = "^[0-9a-f]{16}$")),
+    responses(
+        (status = 200, description = "The session's state.", body = LinkStatusResponse),
+        (status = 400, description = "`bad_request`: the link id is not 16 lowercase hex \
+            characters.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 404, description = "`link_invalid`: no such live session of this device.", body = ErrorBody),
+    )
+)]
 pub async fn status(
     State(state): State<AppState>,
     AuthDevice(caller): AuthDevice,
-    Path(link_id): Path<String>,
+    ApiPath(link_id): ApiPath<String>,
 ) -> Result<Json<LinkStatusResponse>, ApiError> {
     let link = owned_link(&state, &caller, &link_id_bytes(&link_id)?).await?;
     let state_name = match link.state {
@@ -145,9 +179,30 @@ pub async fn status(
     }))
 }
 
+/// The new device joins a session with the proof of the link code and its sealed request.
+/// Needs no login. The fifth wrong proof destroys the session.
+#[utoipa::path(
+    post,
+    path = "/v1/links/{link_id}/join",
+    tag = "links",
+    operation_id = "join_link",
+    params(("link_id" = String, Path, pattern = "^[0-9a-f]{16}$")),
+    request_body = JoinLinkRequest,
+    responses(
+        (status = 204, description = "Joined."),
+        (status = 400, description = "`bad_request`: the link id is not 16 lowercase hex \
+            characters, or the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 401, description = "`link_proof_invalid`: the proof does not match.", body = ErrorBody),
+        (status = 404, description = "`link_invalid`: unknown, expired, used, or destroyed \
+            after too many wrong proofs.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the sealed request is empty or over \
+            4,096 bytes, or the body is over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn join(
     State(state): State<AppState>,
-    Path(link_id): Path<String>,
+    ApiPath(link_id): ApiPath<String>,
     ApiJson(request): ApiJson<JoinLinkRequest>,
 ) -> Result<StatusCode, ApiError> {
     let link_id = link_id_bytes(&link_id)?;
@@ -160,10 +215,34 @@ pub async fn join(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The existing device registers the new device's certificate and leaves a sealed
+/// response for it.
+#[utoipa::path(
+    post,
+    path = "/v1/links/{link_id}/complete",
+    tag = "links",
+    operation_id = "complete_link",
+    security(("bearerAuth" = [])),
+    params(("link_id" = String, Path, pattern = "^[0-9a-f]{16}$")),
+    request_body = CompleteLinkRequest,
+    responses(
+        (status = 204, description = "The new device is registered."),
+        (status = 400, description = "`invalid_certificate`, or `bad_request`: the link id is \
+            not 16 lowercase hex characters, or the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 404, description = "`link_invalid`: no such session of this device, or the new \
+            device has not joined.", body = ErrorBody),
+        (status = 409, description = "`device_exists`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the sealed response is empty or over \
+            4,096 bytes, or the body is over 256 KiB.", body = ErrorBody),
+        (status = 422, description = "`limit_exceeded`: the account has 16 devices.", body = ErrorBody),
+    )
+)]
 pub async fn complete(
     State(state): State<AppState>,
     AuthDevice(caller): AuthDevice,
-    Path(link_id): Path<String>,
+    ApiPath(link_id): ApiPath<String>,
     ApiJson(request): ApiJson<CompleteLinkRequest>,
 ) -> Result<StatusCode, ApiError> {
     let link_id = link_id_bytes(&link_id)?;
@@ -204,9 +283,29 @@ pub async fn complete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The new device fetches the sealed response; the session is deleted. Needs no login.
+#[utoipa::path(
+    post,
+    path = "/v1/links/{link_id}/result",
+    tag = "links",
+    operation_id = "link_result",
+    params(("link_id" = String, Path, pattern = "^[0-9a-f]{16}$")),
+    request_body = LinkResultRequest,
+    responses(
+        (status = 200, description = "The sealed response.", body = LinkResultResponse),
+        (status = 400, description = "`bad_request`: the link id is not 16 lowercase hex \
+            characters, or the body is not JSON (or lacks \
+            `Content-Type: application/json`) or has wrong, unknown or missing fields.", body = ErrorBody),
+        (status = 401, description = "`link_proof_invalid`: the proof does not match.", body = ErrorBody),
+        (status = 404, description = "`link_invalid`: unknown, expired, used, or destroyed \
+            after too many wrong proofs.", body = ErrorBody),
+        (status = 409, description = "`link_pending`: the existing device has not answered yet.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 256 KiB.", body = ErrorBody),
+    )
+)]
 pub async fn result(
     State(state): State<AppState>,
-    Path(link_id): Path<String>,
+    ApiPath(link_id): ApiPath<String>,
     ApiJson(request): ApiJson<LinkResultRequest>,
 ) -> Result<Json<LinkResultResponse>, ApiError> {
     let link_id = link_id_bytes(&link_id)?;

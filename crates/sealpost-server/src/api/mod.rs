@@ -11,19 +11,21 @@ mod keypackages;
 mod kt;
 mod links;
 mod mailbox;
+pub mod openapi;
 mod ws;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request};
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{Request, header};
-use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use sealpost_proto::{ErrorCode, limits};
+use sealpost_proto::{ErrorBody, ErrorCode, limits};
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
+use utoipa_axum::routes;
 
 use crate::clock;
 use crate::config::Config;
@@ -50,10 +52,69 @@ pub struct AppState {
     pub tamper: Arc<std::sync::Mutex<crate::adversary::Tamper>>,
 }
 
-/// JSON body extractor whose rejections are API errors.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// JSON body extractor whose rejections are API errors: `400 bad_request` for a body that
+/// is not a JSON object, lacks `Content-Type: application/json` or does not match the
+/// type, and `413 payload_too_large` for a body over the route's limit.
+///
+/// Unlike `axum::Json` it accepts only an object at the top level: serde would also read a
+/// struct from a JSON array of its fields (`[]` for a struct whose fields all have
+/// defaults), which is not the documented wire format.
 pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json_content_type(request.headers()) {
+            return Err(ApiError::bad_request(
+                "expected a request with `Content-Type: application/json`",
+            ));
+        }
+        let body = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
+                } else {
+                    ApiError::bad_request(rejection.body_text())
+                }
+            })?;
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
+        }
+        let Json(value) = Json::<T>::from_bytes(&body)?;
+        Ok(Self(value))
+    }
+}
+
+/// `application/json`, or `application/*+json`, with any parameters.
+fn is_json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence
+        .strip_prefix("application/")
+        .is_some_and(|subtype| subtype == "json" || subtype.ends_with("+json"))
+}
+
+/// Path parameter extractor whose rejections are API errors (`400 bad_request`, for
+/// example a segment that percent-decodes to invalid UTF-8).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
 
 /// The device that presented a valid bearer token.
 pub struct AuthDevice(pub DeviceRecord);
@@ -95,72 +156,57 @@ pub(crate) async fn existing_account(
         .ok_or_else(|| ApiError::new(ErrorCode::UserNotFound, "no such user"))
 }
 
+/// Every route of the API, each registered from its handler's `#[utoipa::path]`
+/// annotation so that the router and the OpenAPI document ([`openapi::document`]) cannot
+/// disagree. Register routes only here and only with `routes!`: a test fails on any other
+/// way of adding one.
+pub(crate) fn documented_routes() -> OpenApiRouter<AppState> {
+    let small = || DefaultBodyLimit::max(limits::SMALL_BODY_MAX_BYTES);
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(accounts::register).layer(small()))
+        .routes(routes!(accounts::delete_account))
+        .routes(routes!(devices::remove))
+        .routes(routes!(devices::rename).layer(small()))
+        .routes(routes!(devices::claim))
+        .routes(routes!(links::create).layer(small()))
+        .routes(routes!(links::status))
+        .routes(routes!(links::join).layer(small()))
+        .routes(routes!(links::complete).layer(small()))
+        .routes(routes!(links::result).layer(small()))
+        .routes(routes!(accounts::challenge).layer(small()))
+        .routes(routes!(accounts::login).layer(small()))
+        .routes(routes!(accounts::whoami))
+        .routes(
+            routes!(keypackages::upload)
+                .layer(DefaultBodyLimit::max(limits::KEY_PACKAGE_BODY_MAX_BYTES)),
+        )
+        .routes(routes!(keypackages::count))
+        .routes(routes!(accounts::user_devices))
+        .routes(routes!(keypackages::claim).layer(small()))
+        .routes(routes!(groups::create).layer(small()))
+        .routes(routes!(groups::state))
+        .routes(routes!(groups::commit).layer(DefaultBodyLimit::max(limits::COMMIT_BODY_MAX_BYTES)))
+        .routes(routes!(groups::proposal).layer(small()))
+        .routes(routes!(groups::message).layer(small()))
+        .routes(routes!(mailbox::fetch))
+        .routes(routes!(mailbox::ack).layer(small()))
+        .routes(routes!(ws::upgrade))
+        .routes(routes!(kt::keys))
+        .routes(routes!(kt::root))
+        .routes(routes!(kt::roots))
+        .routes(routes!(kt::lookup))
+        .routes(routes!(kt::history))
+        .routes(routes!(kt::audit))
+}
+
 /// Builds the API router.
 pub fn router(state: AppState) -> Router {
-    let small = DefaultBodyLimit::max(limits::SMALL_BODY_MAX_BYTES);
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/accounts", post(accounts::register).layer(small))
-        .route("/v1/accounts/me", delete(accounts::delete_account))
-        .route("/v1/devices/{device_id}", delete(devices::remove))
-        .route(
-            "/v1/devices/{device_id}/name",
-            put(devices::rename).layer(small),
-        )
-        .route(
-            "/v1/devices/{device_id}/keypackages/claim",
-            post(devices::claim),
-        )
-        .route("/v1/links", post(links::create).layer(small))
-        .route("/v1/links/{link_id}", get(links::status))
-        .route("/v1/links/{link_id}/join", post(links::join).layer(small))
-        .route(
-            "/v1/links/{link_id}/complete",
-            post(links::complete).layer(small),
-        )
-        .route(
-            "/v1/links/{link_id}/result",
-            post(links::result).layer(small),
-        )
-        .route("/v1/auth/challenge", post(accounts::challenge).layer(small))
-        .route("/v1/auth/login", post(accounts::login).layer(small))
-        .route("/v1/me", get(accounts::whoami))
-        .route(
-            "/v1/keypackages",
-            post(keypackages::upload)
-                .layer(DefaultBodyLimit::max(limits::KEY_PACKAGE_BODY_MAX_BYTES))
-                .get(keypackages::count),
-        )
-        .route("/v1/users/{username}", get(accounts::user_devices))
-        .route(
-            "/v1/users/{username}/keypackages/claim",
-            post(keypackages::claim).layer(small),
-        )
-        .route("/v1/groups", post(groups::create).layer(small))
-        .route("/v1/groups/{group_id}", get(groups::state))
-        .route(
-            "/v1/groups/{group_id}/commits",
-            post(groups::commit).layer(DefaultBodyLimit::max(limits::COMMIT_BODY_MAX_BYTES)),
-        )
-        .route(
-            "/v1/groups/{group_id}/proposals",
-            post(groups::proposal).layer(small),
-        )
-        .route(
-            "/v1/groups/{group_id}/messages",
-            post(groups::message).layer(small),
-        )
-        .route("/v1/mailbox", get(mailbox::fetch))
-        .route("/v1/mailbox/ack", post(mailbox::ack).layer(small))
-        .route("/v1/ws", get(ws::upgrade))
-        .route("/v1/kt/keys", get(kt::keys))
-        .route("/v1/kt/root", get(kt::root))
-        .route("/v1/kt/roots", get(kt::roots))
-        .route("/v1/kt/lookup/{username}", get(kt::lookup))
-        .route("/v1/kt/history/{username}", get(kt::history))
-        .route("/v1/kt/audit", get(kt::audit))
+    let (routes, _) = documented_routes().split_for_parts();
+    routes
         .route_layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::metrics::track,
@@ -194,14 +240,38 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+/// The answer of `/healthz` and `/readyz`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct StatusResponse {
+    /// `ok` (`/healthz`) or `ready` (`/readyz`).
+    #[schema(pattern = "^(ok|ready)$")]
+    pub status: &'static str,
+}
+
+/// The process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is up.", body = StatusResponse))
+)]
+async fn healthz() -> Json<StatusResponse> {
+    Json(StatusResponse { status: "ok" })
 }
 
 /// Ready to serve: the database and key directory are open and shutdown has not begun.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready.", body = StatusResponse),
+        (status = 503, description = "`unavailable`: starting or shutting down.", body = ErrorBody),
+    )
+)]
 async fn readyz(
     axum::extract::State(state): axum::extract::State<AppState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<StatusResponse>, ApiError> {
     if !state.ready.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ApiError::new(
             ErrorCode::Unavailable,
@@ -213,10 +283,21 @@ async fn readyz(
         .store
         .group("00000000000000000000000000000000")
         .await?;
-    Ok(Json(serde_json::json!({ "status": "ready" })))
+    Ok(Json(StatusResponse { status: "ready" }))
 }
 
 /// Prometheus metrics (no per-user labels).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((
+        status = 200,
+        description = "Prometheus text exposition format 0.0.4.",
+        body = String,
+        content_type = "text/plain"
+    ))
+)]
 async fn metrics(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
@@ -245,8 +326,11 @@ async fn metrics(
     ))
 }
 
+/// The message of the `404 not_found` answer for a path that is no route.
+pub(crate) const NO_SUCH_ENDPOINT: &str = "no such endpoint";
+
 async fn not_found() -> ApiError {
-    ApiError::new(ErrorCode::NotFound, "no such endpoint")
+    ApiError::new(ErrorCode::NotFound, NO_SUCH_ENDPOINT)
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -254,4 +338,145 @@ async fn method_not_allowed() -> ApiError {
         ErrorCode::MethodNotAllowed,
         "method not allowed for this endpoint",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::store::AccountRecord;
+    use crate::testing::TestServer;
+
+    /// A device with a bearer token, put straight into the store.
+    async fn token(server: &TestServer) -> String {
+        let device_id = Uuid::new_v4();
+        let store = &server.state().store;
+        store
+            .create_account(
+                &AccountRecord {
+                    username: "tester".into(),
+                    account_key: vec![1; 32],
+                    created_day: 0,
+                    last_seen_day: 0,
+                },
+                &DeviceRecord {
+                    device_id,
+                    username: "tester".into(),
+                    signature_key: vec![2; 32],
+                    certificate: vec![3],
+                    created_day: 0,
+                    name_sealed: None,
+                },
+            )
+            .await
+            .unwrap();
+        let token = "test-token";
+        store
+            .insert_token(&Sha256::digest(token), device_id, clock::now_unix() + 3600)
+            .await
+            .unwrap();
+        token.to_owned()
+    }
+
+    async fn answer(response: reqwest::Response) -> (u16, Value) {
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// serde reads a struct from a JSON array of its fields too; the API takes objects only.
+    #[tokio::test]
+    async fn bodies_must_be_json_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::start(dir.path()).await;
+        let http = reqwest::Client::new();
+        let url = format!("{}/v1/auth/challenge", server.url());
+        let nil = Uuid::nil().to_string();
+        for body in [json!([nil]), json!([]), json!(null), json!("x")] {
+            let (status, error) = answer(http.post(&url).json(&body).send().await.unwrap()).await;
+            assert_eq!(status, 400, "{body}: {error}");
+            assert_eq!(error["error"]["code"], "bad_request");
+        }
+        // Without the JSON content type, also 400 (axum would say 415).
+        let response = http.post(&url).body(format!(r#"{{"device_id":"{nil}"}}"#));
+        let (status, error) = answer(response.send().await.unwrap()).await;
+        assert_eq!(
+            (status, &error["error"]["code"]),
+            (400, &json!("bad_request"))
+        );
+        // An object goes through to the handler (no such device).
+        let response = http
+            .post(&url)
+            .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+            .body(format!(r#" {{"device_id":"{nil}"}}"#));
+        let (status, error) = answer(response.send().await.unwrap()).await;
+        assert_eq!(
+            (status, &error["error"]["code"]),
+            (404, &json!("device_not_found"))
+        );
+        server.stop().await;
+    }
+
+    /// Envelope ids and epochs are SQLite integers; larger values are refused, not wrapped.
+    #[tokio::test]
+    async fn integers_above_i64_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::start(dir.path()).await;
+        let http = reqwest::Client::new();
+        let big = u64::MAX / 2 + 1;
+        for path in ["roots", "audit"] {
+            let url = format!("{}/v1/kt/{path}?from={big}&to={big}", server.url());
+            let (status, error) = answer(http.get(url).send().await.unwrap()).await;
+            assert_eq!(
+                (status, &error["error"]["code"]),
+                (400, &json!("bad_request"))
+            );
+        }
+        let token = token(&server).await;
+        let ack = |ids: Vec<u64>| {
+            http.post(format!("{}/v1/mailbox/ack", server.url()))
+                .bearer_auth(&token)
+                .json(&json!({ "ids": ids }))
+                .send()
+        };
+        let (status, error) = answer(ack(vec![1, big]).await.unwrap()).await;
+        assert_eq!(
+            (status, &error["error"]["code"]),
+            (400, &json!("bad_request"))
+        );
+        let (status, removed) = answer(ack(vec![1, big - 1]).await.unwrap()).await;
+        assert_eq!((status, removed), (200, json!({ "removed": 0 })));
+        server.stop().await;
+    }
+
+    /// Every rate-limited answer says when to retry.
+    #[tokio::test]
+    async fn rate_limited_answers_carry_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = TestServer::config(dir.path());
+        config.limits.account_per_second = 1;
+        config.limits.account_burst = 1;
+        let server = TestServer::start_with(config).await;
+        let token = token(&server).await;
+        let http = reqwest::Client::new();
+        let mut limited = None;
+        for _ in 0..5 {
+            let response = http
+                .get(format!("{}/v1/me", server.url()))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 429 {
+                limited = Some(response);
+                break;
+            }
+        }
+        let response = limited.expect("the account limit never answered 429");
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let (_, error) = answer(response).await;
+        assert_eq!(error["error"]["code"], "rate_limited");
+        server.stop().await;
+    }
 }

@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::IntoResponse as _;
@@ -31,6 +32,7 @@ use super::{AppState, AuthDevice, groups};
 use crate::error::ApiError;
 use crate::notify::PushSubscription;
 use crate::store::DeviceRecord;
+use sealpost_proto::ErrorBody;
 
 /// Inbound frames on a wake-mode socket are tiny.
 const WAKE_INBOUND_MAX: usize = 4 * 1024;
@@ -53,12 +55,39 @@ pub struct WsQuery {
     mode: Mode,
 }
 
+/// Opens the device's WebSocket: in wake mode (default) a socket of `ServerEvent`s
+/// (`{"type":"mailbox_ready"}` on connect and whenever mail arrives); with `mode=push` the
+/// delivery protocol of `sealpost_proto::ws` (envelopes, acknowledgements and sends).
+#[utoipa::path(
+    get,
+    path = "/v1/ws",
+    tag = "mailbox",
+    operation_id = "websocket",
+    security(("bearerAuth" = [])),
+    params(("mode" = Option<String>, Query, description = "`wake` (default) or `push`.")),
+    responses(
+        (status = 101, description = "Switching Protocols: the WebSocket."),
+        (status = 400, description = "`bad_request`: an unknown `mode`, or not a WebSocket upgrade request (headers \
+            `Connection: upgrade`, `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and \
+            `Sec-WebSocket-Key` are needed).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired bearer token.", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many open WebSockets for this account \
+            (or requests from this address or account); retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    )
+)]
 pub async fn upgrade(
     State(state): State<AppState>,
     AuthDevice(device): AuthDevice,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    // axum answers a request that is no WebSocket upgrade in plain text; every error of
+    // this API is an error body.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return ApiError::bad_request(rejection.body_text()).into_response(),
+    };
     let mode = match query {
         Ok(Query(query)) => query.mode,
         Err(rejection) => return ApiError::from(rejection).into_response(),
