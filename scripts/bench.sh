@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every sealpost-bench scenario with the settings behind docs/BENCHMARKS.md.
+# The server is pinned to CPU 0 and the load generator to CPU 1; everything stays on
+# loopback. Results: target/bench-results/*.json and docs/latency-under-load.svg.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release -p sealpost-server -p sealpost-bench
+bench=(taskset -c 1 target/release/sealpost-bench --server-cpus 0)
+
+"${bench[@]}" relay --pairs 10,100,1000 --messages 200000
+"${bench[@]}" latency --pairs 100 --messages 100000
+"${bench[@]}" idle --steps 1000,10000,19000
+"${bench[@]}" drain --messages 10000 --runs 5
+"${bench[@]}" fanout --members 10,100,1000 --rounds 20
