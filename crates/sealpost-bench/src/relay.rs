@@ -274,6 +274,10 @@ async fn send(
                 message: message.request.message.clone(),
             })
             .await?;
+            if pacing.is_some() {
+                // A paced message leaves now, not with the next one.
+                tx.flush().await?;
+            }
         }
         tx.flush().await?;
         anyhow::Ok(())

@@ -467,7 +467,8 @@ impl Transport {
         let header = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|e| CoreError::InvalidInput(e.to_string()))?;
         request.headers_mut().insert("authorization", header);
-        match tokio_tungstenite::connect_async(request).await {
+        // TCP_NODELAY: an acknowledgement or a send is one small frame that must leave now.
+        match tokio_tungstenite::connect_async_with_config(request, None, true).await {
             Ok((socket, _)) => Ok(socket),
             Err(tokio_tungstenite::tungstenite::Error::Http(response))
                 if response.status() == StatusCode::UNAUTHORIZED =>

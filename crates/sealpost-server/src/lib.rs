@@ -166,6 +166,11 @@ async fn accept_loop(
                 }
             },
         };
+        // Small frames (a pushed envelope, a `sent` answer) must leave at once, not wait
+        // for Nagle's algorithm to collect more (a 40 ms stall against delayed ACKs).
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        }
         let Ok(service) = tower::Service::call(&mut make_service, peer).await;
         let hyper_service =
             hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
