@@ -14,6 +14,11 @@
 //! CPU cost without the disk. Peers that only feed the measured side (senders, adders)
 //! keep their store in /dev/shm when it exists, to keep setup fast.
 //!
+//! `SEALPOST_BENCH_CLOCK=cpu` measures this thread's CPU time (user + system,
+//! `CLOCK_THREAD_CPUTIME_ID`) instead of wall time: on a machine shared with other
+//! work it is far steadier, and it still counts SQLite's system calls; it does not count
+//! waiting for the disk, so use it together with tmpfs.
+//!
 //! `cargo bench -p sealpost-core --bench crypto [-- <filter>]`, e.g. `-- encrypt`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -23,12 +28,13 @@ mod common;
 use std::cell::Cell;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use clock::Clock;
 use common::{NOW, Phantom, User, World, message_envelope, text_of_len, welcome_envelope};
 use criterion::{
-    BatchSize, Bencher, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput,
-    criterion_group, criterion_main, measurement::WallTime,
+    Bencher, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group,
+    criterion_main,
 };
 use sealpost_core::payload::ConversationInfo;
 use sealpost_proto::api::{ClaimKeyPackagesResponse, Envelope};
@@ -66,31 +72,91 @@ fn store_in(base: &Path) -> tempfile::TempDir {
         .unwrap()
 }
 
-/// Times `routine` only, after an untimed `setup` on the same state (criterion's
-/// `iter_batched` cannot lend one mutable state to both).
+/// Wall time, or this thread's CPU time with `SEALPOST_BENCH_CLOCK=cpu`.
+mod clock {
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+
+    fn use_cpu() -> bool {
+        static CPU: OnceLock<bool> = OnceLock::new();
+        *CPU.get_or_init(|| std::env::var("SEALPOST_BENCH_CLOCK").as_deref() == Ok("cpu"))
+    }
+
+    /// The current reading of the selected clock.
+    pub fn now() -> Duration {
+        if use_cpu() {
+            let time = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+            Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
+        } else {
+            static START: OnceLock<Instant> = OnceLock::new();
+            START.get_or_init(Instant::now).elapsed()
+        }
+    }
+
+    pub struct Clock(WallTime);
+
+    impl Default for Clock {
+        fn default() -> Self {
+            Self(WallTime)
+        }
+    }
+
+    impl Measurement for Clock {
+        type Intermediate = Duration;
+        type Value = Duration;
+
+        fn start(&self) -> Duration {
+            now()
+        }
+
+        fn end(&self, start: Duration) -> Duration {
+            now() - start
+        }
+
+        fn add(&self, v1: &Duration, v2: &Duration) -> Duration {
+            *v1 + *v2
+        }
+
+        fn zero(&self) -> Duration {
+            Duration::ZERO
+        }
+
+        fn to_f64(&self, value: &Duration) -> f64 {
+            value.as_nanos() as f64
+        }
+
+        fn formatter(&self) -> &dyn ValueFormatter {
+            self.0.formatter()
+        }
+    }
+}
+
+/// Times `routine` only: first runs `setup` for every iteration of the sample (untimed),
+/// then `routine` on each prepared input in order (criterion's `iter_batched` cannot
+/// lend one mutable state to both).
 fn timed<S, I, O>(
-    b: &mut Bencher<'_>,
+    b: &mut Bencher<'_, Clock>,
     state: &mut S,
     mut setup: impl FnMut(&mut S) -> I,
     mut routine: impl FnMut(&mut S, I) -> O,
 ) {
     b.iter_custom(|iters| {
-        let mut total = Duration::ZERO;
-        for _ in 0..iters {
-            let input = setup(state);
-            let start = Instant::now();
-            let output = routine(state, input);
-            total += start.elapsed();
-            drop(black_box(output));
+        let inputs: Vec<I> = (0..iters).map(|_| setup(state)).collect();
+        let mut outputs = Vec::with_capacity(inputs.len());
+        let start = clock::now();
+        for input in inputs {
+            outputs.push(routine(state, input));
         }
-        total
+        let elapsed = clock::now() - start;
+        drop(black_box(outputs));
+        elapsed
     })
 }
 
 /// Raw OpenMLS: the same work as the engine without the engine.
 mod raw {
-    use std::path::Path;
-
     use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
     use openmls::prelude::{
         BasicCredential, CredentialWithKey, Extension, Extensions, KeyPackage, MlsGroup,
@@ -177,20 +243,27 @@ mod raw {
     pub struct Sqlite {
         conn: Connection,
         crypto: RustCrypto,
+        _home: tempfile::TempDir,
     }
 
     impl Sqlite {
-        /// A WAL database with `synchronous=FULL`, as the engine opens its store.
-        pub fn open(path: &Path) -> Self {
-            let mut conn = Connection::open(path).unwrap();
+        /// A new WAL database with `synchronous=FULL` (as the engine opens its store) in
+        /// the benchmarks' directory.
+        pub fn new() -> Self {
+            let home = crate::store_in(&crate::bench_dir());
+            let mut conn = Connection::open(home.path().join("raw.db")).unwrap();
             conn.pragma_update(None, "journal_mode", "WAL").unwrap();
             conn.pragma_update(None, "synchronous", "FULL").unwrap();
+            // The engine's cache settings, so that only the engine's own work differs.
+            conn.pragma_update(None, "cache_size", -16384).unwrap();
+            conn.pragma_update(None, "temp_store", "MEMORY").unwrap();
             SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn)
                 .run_migrations()
                 .unwrap();
             Self {
                 conn,
                 crypto: RustCrypto::default(),
+                _home: home,
             }
         }
     }
@@ -417,27 +490,30 @@ fn raw_payload(n: usize) -> Vec<u8> {
     text_of_len(n, TEXT_LEN + 40).into_bytes()
 }
 
-/// Two engines in a 1:1 conversation; the one to measure lives in `measured_dir`.
+/// Two engines in a 1:1 conversation, each with its own world.
 struct EnginePair {
     sender: User,
     receiver: User,
     group_id: String,
+    _world: World,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
 impl EnginePair {
-    fn new(world: &mut World, sender_dir: &Path, receiver_dir: &Path) -> Self {
+    fn new(sender_dir: &Path, receiver_dir: &Path) -> Self {
+        let mut world = World::new();
         let (a, b) = (store_in(sender_dir), store_in(receiver_dir));
-        let mut sender = User::register(world, &a.path().join("db"), "alice");
-        let mut receiver = User::register(world, &b.path().join("db"), "bob");
-        let group_id = common::start_direct(world, &mut sender, &mut receiver);
+        let mut sender = User::register(&mut world, &a.path().join("db"), "alice");
+        let mut receiver = User::register(&mut world, &b.path().join("db"), "bob");
+        let group_id = common::start_direct(&world, &mut sender, &mut receiver);
         // Both have seen the directory's current root, so gossip checks find it.
-        receiver.learn(world, "alice");
-        sender.learn(world, "bob");
+        receiver.learn(&world, "alice");
+        sender.learn(&world, "bob");
         Self {
             sender,
             receiver,
             group_id,
+            _world: world,
             _dirs: (a, b),
         }
     }
@@ -457,66 +533,74 @@ impl EnginePair {
     }
 }
 
-fn encrypt(c: &mut Criterion) {
+/// Two raw clients in a two-member group; the one to measure uses `B`.
+fn raw_pair<A: raw::Backend, B: raw::Backend>(
+    sender: A,
+    receiver: B,
+) -> (raw::Client<A>, raw::Client<B>) {
+    let mut sender = raw::Client::new(sender, "alice");
+    let mut receiver = raw::Client::new(receiver, "bob");
+    raw::pair(&mut sender, &mut receiver);
+    (sender, receiver)
+}
+
+// Every benchmark builds its state on first use (`get_or_insert_with` in the routine), so
+// that a filtered run does not pay for the setup of the benchmarks it leaves out.
+
+fn encrypt(c: &mut Criterion<Clock>) {
     let mut group = c.benchmark_group("encrypt");
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(4));
-
-    let mut world = World::new();
-    let mut pair = EnginePair::new(&mut world, &bench_dir(), &scratch_dir());
     let n = Cell::new(0);
+
+    let mut engines = None;
     group.bench_function("engine", |b| {
+        let pair = engines.get_or_insert_with(|| EnginePair::new(&bench_dir(), &scratch_dir()));
         b.iter(|| {
             n.set(n.get() + 1);
-            black_box(
-                pair.sender
-                    .engine
-                    .encrypt_text(
-                        &pair.group_id,
-                        &text_of_len(n.get(), TEXT_LEN),
-                        None,
-                        NOW * 1000,
-                    )
-                    .unwrap(),
-            )
+            let text = text_of_len(n.get(), TEXT_LEN);
+            pair.sender
+                .engine
+                .encrypt_text(&pair.group_id, &text, None, NOW * 1000)
+                .unwrap()
         })
     });
+    drop(engines);
 
-    let dir = store_in(&bench_dir());
-    let mut sender = raw::Client::new(raw::Sqlite::open(&dir.path().join("raw.db")), "alice");
-    let mut receiver = raw::Client::new(raw::Memory::new(), "bob");
-    raw::pair(&mut sender, &mut receiver);
-    group.bench_function("raw_sqlite", |b| {
-        b.iter(|| {
-            n.set(n.get() + 1);
-            black_box(sender.encrypt(&raw_payload(n.get())))
-        })
-    });
-
-    let mut sender = raw::Client::new(raw::Memory::new(), "alice");
-    raw::pair(&mut sender, &mut receiver);
-    group.bench_function("raw_memory", |b| {
-        b.iter(|| {
-            n.set(n.get() + 1);
-            black_box(sender.encrypt(&raw_payload(n.get())))
-        })
-    });
+    fn raw_encrypt<B: raw::Backend>(
+        group: &mut BenchmarkGroup<'_, Clock>,
+        name: &str,
+        backend: fn() -> B,
+        n: &Cell<usize>,
+    ) {
+        let mut clients = None;
+        group.bench_function(name, |b| {
+            let (sender, _) =
+                clients.get_or_insert_with(|| raw_pair(backend(), raw::Memory::new()));
+            b.iter(|| {
+                n.set(n.get() + 1);
+                sender.encrypt(&raw_payload(n.get()))
+            })
+        });
+    }
+    raw_encrypt(&mut group, "raw_sqlite", raw::Sqlite::new, &n);
+    raw_encrypt(&mut group, "raw_memory", raw::Memory::new, &n);
     group.finish();
 }
 
-fn decrypt(c: &mut Criterion) {
+fn decrypt(c: &mut Criterion<Clock>) {
     let mut group = c.benchmark_group("decrypt");
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(4));
-
-    let mut world = World::new();
-    let mut pair = EnginePair::new(&mut world, &scratch_dir(), &bench_dir());
     let n = Cell::new(0);
+
     // The engine's per-envelope entry point; the sync path's batches are in `backlog`.
+    let mut engines = None;
     group.bench_function("engine", |b| {
+        let pair = engines.get_or_insert_with(|| EnginePair::new(&scratch_dir(), &bench_dir()));
         timed(
             b,
-            &mut pair,
+            pair,
             |pair| {
                 n.set(n.get() + 1);
                 pair.next_envelope(n.get())
@@ -529,36 +613,30 @@ fn decrypt(c: &mut Criterion) {
             },
         )
     });
-    drop(pair);
+    drop(engines);
 
     fn raw_decrypt<B: raw::Backend>(
-        group: &mut BenchmarkGroup<'_, WallTime>,
+        group: &mut BenchmarkGroup<'_, Clock>,
         name: &str,
-        backend: B,
+        backend: fn() -> B,
         n: &Cell<usize>,
     ) {
-        let mut sender = raw::Client::new(raw::Memory::new(), "alice");
-        let mut receiver = raw::Client::new(backend, "bob");
-        raw::pair(&mut sender, &mut receiver);
+        let mut clients = None;
         group.bench_function(name, |b| {
-            b.iter_batched(
-                || {
+            let clients = clients.get_or_insert_with(|| raw_pair(raw::Memory::new(), backend()));
+            timed(
+                b,
+                clients,
+                |(sender, _)| {
                     n.set(n.get() + 1);
                     sender.encrypt(&raw_payload(n.get()))
                 },
-                |message| black_box(receiver.decrypt(&message)),
-                BatchSize::SmallInput,
+                |(_, receiver), message| receiver.decrypt(&message),
             )
         });
     }
-    let dir = store_in(&bench_dir());
-    raw_decrypt(
-        &mut group,
-        "raw_sqlite",
-        raw::Sqlite::open(&dir.path().join("raw.db")),
-        &n,
-    );
-    raw_decrypt(&mut group, "raw_memory", raw::Memory::new(), &n);
+    raw_decrypt(&mut group, "raw_sqlite", raw::Sqlite::new, &n);
+    raw_decrypt(&mut group, "raw_memory", raw::Memory::new, &n);
     group.finish();
 }
 
@@ -581,19 +659,22 @@ fn adder(world: &mut World, dir: &Path, phantoms: &[Phantom]) -> (User, tempfile
     (user, home)
 }
 
-fn create_group(c: &mut Criterion) {
+fn create_group(c: &mut Criterion<Clock>) {
     let mut group = c.benchmark_group("create_group");
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(4));
+    let n = Cell::new(0);
 
     // Creating a conversation always adds its first member: measured as create + add one
     // member + merge on every row.
-    let mut world = World::new();
-    let members = phantoms(&mut world, 1);
-    let (mut creator, _home) = adder(&mut world, &bench_dir(), &members);
-    let claim = members[0].claim();
-    let n = Cell::new(0);
+    let mut engine = None;
     group.bench_function("engine", |b| {
+        let (_, creator, claim, _) = engine.get_or_insert_with(|| {
+            let mut world = World::new();
+            let members = phantoms(&mut world, 1);
+            let (creator, home) = adder(&mut world, &bench_dir(), &members);
+            (world, creator, members[0].claim(), home)
+        });
         b.iter(|| {
             n.set(n.get() + 1);
             let info = ConversationInfo::Group {
@@ -601,41 +682,38 @@ fn create_group(c: &mut Criterion) {
             };
             let commit = creator
                 .engine
-                .create_conversation(info, std::slice::from_ref(&claim), NOW)
+                .create_conversation(info, std::slice::from_ref(claim), NOW)
                 .unwrap();
             creator.engine.commit_accepted(&commit, NOW).unwrap();
-            black_box(commit)
+            commit
         })
     });
+    drop(engine);
 
     fn raw_create<B: raw::Backend>(
-        group: &mut BenchmarkGroup<'_, WallTime>,
+        group: &mut BenchmarkGroup<'_, Clock>,
         name: &str,
-        backend: B,
-        package: &[u8],
+        backend: fn() -> B,
     ) {
-        let mut creator = raw::Client::new(backend, "adder");
+        let mut state = None;
         group.bench_function(name, |b| {
+            let (creator, package) = state.get_or_insert_with(|| {
+                let package = raw::wire(&Phantom::new("member0000").key_package());
+                (raw::Client::new(backend(), "adder"), package)
+            });
             b.iter(|| {
                 creator.create_group();
-                black_box(creator.add(&[package.to_vec()]))
+                creator.add(std::slice::from_ref(package))
             })
         });
     }
-    let package = raw::wire(&members[0].key_package());
-    let dir = store_in(&bench_dir());
-    raw_create(
-        &mut group,
-        "raw_sqlite",
-        raw::Sqlite::open(&dir.path().join("raw.db")),
-        &package,
-    );
-    raw_create(&mut group, "raw_memory", raw::Memory::new(), &package);
+    raw_create(&mut group, "raw_sqlite", raw::Sqlite::new);
+    raw_create(&mut group, "raw_memory", raw::Memory::new);
     group.finish();
 }
 
 /// Settings for a group of one size: few samples for the large ones.
-fn size_settings(group: &mut BenchmarkGroup<'_, WallTime>, size: usize) {
+fn size_settings(group: &mut BenchmarkGroup<'_, Clock>, size: usize) {
     if size >= 1000 {
         group.sample_size(10);
         group.sampling_mode(SamplingMode::Flat);
@@ -648,130 +726,156 @@ fn size_settings(group: &mut BenchmarkGroup<'_, WallTime>, size: usize) {
         group.measurement_time(Duration::from_secs(3));
     } else {
         group.sample_size(20);
-        group.sampling_mode(SamplingMode::Auto);
+        group.sampling_mode(SamplingMode::Flat);
         group.warm_up_time(Duration::from_secs(1));
         group.measurement_time(Duration::from_secs(3));
     }
 }
 
-fn add_members(c: &mut Criterion) {
-    let max = *ADD_SIZES.iter().max().unwrap();
-    let mut world = World::new();
-    let members = phantoms(&mut world, max + 1);
-    let (first, others) = members.split_first().unwrap();
-    let (mut engine_adder, _home) = adder(&mut world, &bench_dir(), &members);
-    // The adder does not care whether a KeyPackage was used before: make them once.
-    let first_claim = first.claim();
-    let claims: Vec<ClaimKeyPackagesResponse> = others.iter().map(Phantom::claim).collect();
-    let first_package = raw::wire(&first.key_package());
-    let packages: Vec<Vec<u8>> = others.iter().map(|p| raw::wire(&p.key_package())).collect();
-    let raw_dir = store_in(&bench_dir());
-    let mut raw_sqlite =
-        raw::Client::new(raw::Sqlite::open(&raw_dir.path().join("raw.db")), "adder");
-    let mut raw_memory = raw::Client::new(raw::Memory::new(), "adder");
+/// What the membership benchmarks share: members published in a directory, their
+/// KeyPackages (claimed once: an adder does not care whether a KeyPackage was used
+/// before), and the clients that add them.
+struct Members {
+    world: World,
+    phantoms: Vec<Phantom>,
+    claims: Vec<ClaimKeyPackagesResponse>,
+    packages: Vec<Vec<u8>>,
+}
 
+impl Members {
+    fn new(count: usize) -> Self {
+        let mut world = World::new();
+        let phantoms = phantoms(&mut world, count);
+        let claims = phantoms.iter().map(Phantom::claim).collect();
+        let packages = phantoms
+            .iter()
+            .map(|p| raw::wire(&p.key_package()))
+            .collect();
+        Self {
+            world,
+            phantoms,
+            claims,
+            packages,
+        }
+    }
+}
+
+fn add_members(c: &mut Criterion<Clock>) {
+    let max = *ADD_SIZES.iter().max().unwrap();
     let mut group = c.benchmark_group("add_members");
     let n = Cell::new(0);
+    // Member 0 is in the group before the timed commit adds `size` others.
+    let mut members = None;
+    let mut engine = None;
+    let mut raw_sqlite = None;
+    let mut raw_memory = None;
     for size in ADD_SIZES {
         size_settings(&mut group, size);
         group.throughput(Throughput::Elements(size as u64));
-        // Each iteration adds `size` members to a new group that has one member.
         group.bench_with_input(BenchmarkId::new("engine", size), &size, |b, &size| {
+            let members = members.get_or_insert_with(|| Members::new(max + 1));
+            let (adder, _) = engine
+                .get_or_insert_with(|| adder(&mut members.world, &bench_dir(), &members.phantoms));
             timed(
                 b,
-                &mut engine_adder.engine,
+                &mut adder.engine,
                 |engine| {
                     n.set(n.get() + 1);
                     let info = ConversationInfo::Group {
                         name: format!("group {}", n.get()),
                     };
                     let commit = engine
-                        .create_conversation(info, std::slice::from_ref(&first_claim), NOW)
+                        .create_conversation(info, &members.claims[..1], NOW)
                         .unwrap();
                     engine.commit_accepted(&commit, NOW).unwrap();
                     commit.group_id
                 },
                 |engine, group_id| {
-                    let commit = engine.begin_add(&group_id, &claims[..size], NOW).unwrap();
+                    let commit = engine
+                        .begin_add(&group_id, &members.claims[1..=size], NOW)
+                        .unwrap();
                     engine.commit_accepted(&commit, NOW).unwrap();
                     commit
                 },
             )
         });
         fn raw_add<B: raw::Backend>(
-            group: &mut BenchmarkGroup<'_, WallTime>,
+            group: &mut BenchmarkGroup<'_, Clock>,
             name: &str,
-            client: &mut raw::Client<B>,
-            first: &[u8],
-            packages: &[Vec<u8>],
+            size: usize,
+            members: &mut Option<Members>,
+            client: &mut Option<raw::Client<B>>,
+            backend: fn() -> B,
         ) {
-            group.bench_with_input(
-                BenchmarkId::new(name, packages.len()),
-                &packages,
-                |b, packages| {
-                    timed(
-                        b,
-                        client,
-                        |client| {
-                            client.create_group();
-                            client.add(&[first.to_vec()]);
-                        },
-                        |client, ()| client.add(packages),
-                    )
-                },
-            );
+            group.bench_with_input(BenchmarkId::new(name, size), &size, |b, &size| {
+                let max = *ADD_SIZES.iter().max().unwrap();
+                let members = members.get_or_insert_with(|| Members::new(max + 1));
+                let client = client.get_or_insert_with(|| raw::Client::new(backend(), "adder"));
+                let (first, others) = members.packages.split_first().unwrap();
+                timed(
+                    b,
+                    client,
+                    |client| {
+                        client.create_group();
+                        client.add(std::slice::from_ref(first));
+                        client.group.take()
+                    },
+                    |client, group| {
+                        client.group = group;
+                        client.add(&others[..size])
+                    },
+                )
+            });
         }
         raw_add(
             &mut group,
             "raw_sqlite",
+            size,
+            &mut members,
             &mut raw_sqlite,
-            &first_package,
-            &packages[..size],
+            raw::Sqlite::new,
         );
         raw_add(
             &mut group,
             "raw_memory",
+            size,
+            &mut members,
             &mut raw_memory,
-            &first_package,
-            &packages[..size],
+            raw::Memory::new,
         );
     }
     group.finish();
 }
 
-fn join_welcome(c: &mut Criterion) {
+fn join_welcome(c: &mut Criterion<Clock>) {
     let max = *ADD_SIZES.iter().max().unwrap();
-    let mut world = World::new();
-    let members = phantoms(&mut world, max);
-    let joiner_home = store_in(&bench_dir());
-    let mut joiner = User::register(&mut world, &joiner_home.path().join("db"), "joiner");
-    let (mut engine_adder, _home) = adder(&mut world, &scratch_dir(), &members);
-    engine_adder.learn(&world, "joiner");
-    let claims: Vec<ClaimKeyPackagesResponse> = members.iter().map(Phantom::claim).collect();
-    let packages: Vec<Vec<u8>> = members
-        .iter()
-        .map(|p| raw::wire(&p.key_package()))
-        .collect();
-    let raw_dir = store_in(&bench_dir());
-    let mut raw_sqlite =
-        raw::Client::new(raw::Sqlite::open(&raw_dir.path().join("raw.db")), "joiner");
-    let mut raw_memory = raw::Client::new(raw::Memory::new(), "joiner");
-    let mut raw_adder = raw::Client::new(raw::Memory::new(), "adder");
-
     let mut group = c.benchmark_group("join_welcome");
     let n = Cell::new(0);
+    // The joiner is one of `size` members added in one commit to a new group.
+    let mut members = None;
+    let mut engines = None;
+    let mut raw_sqlite = None;
+    let mut raw_memory = None;
     for size in ADD_SIZES {
         size_settings(&mut group, size);
         group.throughput(Throughput::Elements(size as u64));
-        // The joiner is one of `size` members added in one commit to a new group.
         group.bench_with_input(BenchmarkId::new("engine", size), &size, |b, &size| {
+            let members = members.get_or_insert_with(|| Members::new(max));
+            let engines = engines.get_or_insert_with(|| {
+                let home = store_in(&bench_dir());
+                let world = &mut members.world;
+                let joiner = User::register(world, &home.path().join("db"), "joiner");
+                let (mut adder, adder_home) = adder(world, &scratch_dir(), &members.phantoms);
+                adder.learn(world, "joiner");
+                (joiner, adder, home, adder_home)
+            });
             timed(
                 b,
-                &mut (&mut joiner, &mut engine_adder),
-                |(joiner, adder)| {
+                engines,
+                |(joiner, adder, _, _)| {
                     n.set(n.get() + 1);
                     let mut batch = vec![joiner.claim()];
-                    batch.extend_from_slice(&claims[..size - 1]);
+                    batch.extend_from_slice(&members.claims[..size - 1]);
                     let info = ConversationInfo::Group {
                         name: format!("group {}", n.get()),
                     };
@@ -779,70 +883,77 @@ fn join_welcome(c: &mut Criterion) {
                     adder.engine.commit_accepted(&commit, NOW).unwrap();
                     welcome_envelope(&commit, n.get() as u64)
                 },
-                |(joiner, _), welcome| joiner.engine.process_envelope(&welcome, NOW).unwrap(),
+                |(joiner, _, _, _), welcome| joiner.engine.process_envelope(&welcome, NOW).unwrap(),
             )
         });
         fn raw_join<B: raw::Backend>(
-            group: &mut BenchmarkGroup<'_, WallTime>,
+            group: &mut BenchmarkGroup<'_, Clock>,
             name: &str,
-            joiner: &mut raw::Client<B>,
-            adder: &mut raw::Client<raw::Memory>,
-            others: &[Vec<u8>],
+            size: usize,
+            members: &mut Option<Members>,
+            clients: &mut Option<(raw::Client<B>, raw::Client<raw::Memory>)>,
+            backend: fn() -> B,
         ) {
-            group.bench_with_input(
-                BenchmarkId::new(name, others.len() + 1),
-                &others,
-                |b, others| {
-                    timed(
-                        b,
-                        &mut (&mut *joiner, &mut *adder),
-                        |(joiner, adder)| {
-                            let mut batch = vec![joiner.key_package()];
-                            batch.extend_from_slice(others);
-                            adder.create_group();
-                            adder.add(&batch).1
-                        },
-                        |(joiner, _), welcome| joiner.join(&welcome),
+            group.bench_with_input(BenchmarkId::new(name, size), &size, |b, &size| {
+                let max = *ADD_SIZES.iter().max().unwrap();
+                let members = members.get_or_insert_with(|| Members::new(max));
+                let clients = clients.get_or_insert_with(|| {
+                    (
+                        raw::Client::new(backend(), "joiner"),
+                        raw::Client::new(raw::Memory::new(), "adder"),
                     )
-                },
-            );
+                });
+                let others = &members.packages[..size - 1];
+                timed(
+                    b,
+                    clients,
+                    |(joiner, adder)| {
+                        let mut batch = vec![joiner.key_package()];
+                        batch.extend_from_slice(others);
+                        adder.create_group();
+                        adder.add(&batch).1
+                    },
+                    |(joiner, _), welcome| joiner.join(&welcome),
+                )
+            });
         }
-        let others = &packages[..size - 1];
         raw_join(
             &mut group,
             "raw_sqlite",
+            size,
+            &mut members,
             &mut raw_sqlite,
-            &mut raw_adder,
-            others,
+            raw::Sqlite::new,
         );
         raw_join(
             &mut group,
             "raw_memory",
+            size,
+            &mut members,
             &mut raw_memory,
-            &mut raw_adder,
-            others,
+            raw::Memory::new,
         );
     }
     group.finish();
 }
 
-fn backlog(c: &mut Criterion) {
+fn backlog(c: &mut Criterion<Clock>) {
     let mut group = c.benchmark_group("backlog");
     group.sample_size(10);
     group.sampling_mode(SamplingMode::Flat);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(8));
     group.throughput(Throughput::Elements(BACKLOG as u64));
+    let n = Cell::new(0);
 
     // A backlog of messages from one sender, fetched and processed the way the client's
     // sync path does it: `process_batch` on mailbox pages of MAILBOX_FETCH_MAX.
-    let mut world = World::new();
-    let mut pair = EnginePair::new(&mut world, &scratch_dir(), &bench_dir());
-    let n = Cell::new(0);
+    let mut engines = None;
     group.bench_function(BenchmarkId::new("engine", BACKLOG), |b| {
+        let pair = engines.get_or_insert_with(|| EnginePair::new(&scratch_dir(), &bench_dir()));
         timed(
             b,
-            &mut pair,
+            pair,
             |pair| {
                 (0..BACKLOG)
                     .map(|_| {
@@ -858,20 +969,22 @@ fn backlog(c: &mut Criterion) {
             },
         )
     });
-    drop(pair);
+    drop(engines);
 
+    // Raw OpenMLS with the same pages, each in one transaction.
     fn raw_backlog<B: raw::Backend>(
-        group: &mut BenchmarkGroup<'_, WallTime>,
+        group: &mut BenchmarkGroup<'_, Clock>,
         name: &str,
-        backend: B,
+        backend: fn() -> B,
         n: &Cell<usize>,
     ) {
-        let mut sender = raw::Client::new(raw::Memory::new(), "alice");
-        let mut receiver = raw::Client::new(backend, "bob");
-        raw::pair(&mut sender, &mut receiver);
+        let mut clients = None;
         group.bench_function(BenchmarkId::new(name, BACKLOG), |b| {
-            b.iter_batched(
-                || {
+            let clients = clients.get_or_insert_with(|| raw_pair(raw::Memory::new(), backend()));
+            timed(
+                b,
+                clients,
+                |(sender, _)| {
                     (0..BACKLOG)
                         .map(|_| {
                             n.set(n.get() + 1);
@@ -879,33 +992,22 @@ fn backlog(c: &mut Criterion) {
                         })
                         .collect::<Vec<_>>()
                 },
-                |messages| {
+                |(_, receiver), messages| {
                     for page in messages.chunks(MAILBOX_FETCH_MAX) {
                         black_box(receiver.decrypt_all(page));
                     }
                 },
-                BatchSize::PerIteration,
             )
         });
     }
-    let dir = store_in(&bench_dir());
-    raw_backlog(
-        &mut group,
-        "raw_sqlite",
-        raw::Sqlite::open(&dir.path().join("raw.db")),
-        &n,
-    );
-    raw_backlog(&mut group, "raw_memory", raw::Memory::new(), &n);
+    raw_backlog(&mut group, "raw_sqlite", raw::Sqlite::new, &n);
+    raw_backlog(&mut group, "raw_memory", raw::Memory::new, &n);
     group.finish();
 }
 
-criterion_group!(
-    benches,
-    encrypt,
-    decrypt,
-    create_group,
-    add_members,
-    join_welcome,
-    backlog
-);
+criterion_group! {
+    name = benches;
+    config = Criterion::default().with_measurement(Clock::default());
+    targets = encrypt, decrypt, create_group, add_members, join_welcome, backlog
+}
 criterion_main!(benches);
