@@ -16,7 +16,7 @@ use rusqlite::{OptionalExtension as _, Transaction, params};
 use sealpost_proto::api::{Envelope, EnvelopeKind};
 
 use super::contacts::observe_account_key;
-use super::conversations::{insert_notice, load_group, member_devices};
+use super::conversations::{insert_notice, load_group, member_devices, status_of};
 use super::queries::{HistoryEntry, history_entry};
 use super::transparency::observe_gossip;
 use super::{Engine, Identity, join_config};
@@ -47,8 +47,10 @@ fn kind_name(kind: EnvelopeKind) -> &'static str {
 
 fn already_processed(tx: &Transaction<'_>, envelope: &Envelope) -> Result<bool, CoreError> {
     Ok(tx
-        .query_row(
+        .prepare_cached(
             "SELECT 1 FROM processed WHERE group_id = ? AND message_id = ? AND kind = ?",
+        )?
+        .query_row(
             params![
                 envelope.group_id,
                 envelope.message_id.to_string(),
@@ -61,15 +63,15 @@ fn already_processed(tx: &Transaction<'_>, envelope: &Envelope) -> Result<bool, 
 }
 
 fn mark_processed(tx: &Transaction<'_>, envelope: &Envelope, now: i64) -> Result<(), CoreError> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT OR IGNORE INTO processed (group_id, message_id, kind, processed_at) VALUES (?, ?, ?, ?)",
-        params![
-            envelope.group_id,
-            envelope.message_id.to_string(),
-            kind_name(envelope.kind),
-            now
-        ],
-    )?;
+    )?
+    .execute(params![
+        envelope.group_id,
+        envelope.message_id.to_string(),
+        kind_name(envelope.kind),
+        now
+    ])?;
     Ok(())
 }
 
@@ -177,11 +179,15 @@ fn process_welcome(
         .map(|ext| ConversationInfo::decode(&ext.0))
         .transpose()?
         .ok_or_else(|| CoreError::Mls("the group carries no conversation info".into()))?;
+    // Joining may replace the stored state of a group we were in before: no copy of
+    // that group may stay in memory.
+    provider.forget_group(staged.group_context().group_id());
     let group = staged.into_group(provider).map_err(CoreError::mls)?;
     let group_id = hex::encode(group.group_id().as_slice());
     if group_id != envelope.group_id {
         return Err(CoreError::Mls("the Welcome is for another group".into()));
     }
+    provider.keep_group(group);
     let (kind, name, peer, notice) = match info {
         ConversationInfo::Direct => {
             let [peer] = others.as_slice() else {
@@ -222,14 +228,7 @@ fn process_in_group(
     envelope: &Envelope,
     now: i64,
 ) -> Result<Outcome, CoreError> {
-    let active: Option<String> = tx
-        .query_row(
-            "SELECT status FROM conversations WHERE group_id = ?",
-            [&envelope.group_id],
-            |row| row.get(0),
-        )
-        .optional()?;
-    if active.as_deref() != Some("active") {
+    if status_of(tx, &envelope.group_id)?.as_deref() != Some("active") {
         return Ok(Outcome::Skipped);
     }
     let Some(mut group) = load_group(provider, &envelope.group_id)? else {
@@ -257,10 +256,12 @@ fn process_in_group(
                 Body::Text { text } => text,
                 Body::Unsupported => "(a message this version of Sealpost cannot show)".to_owned(),
             };
-            let inserted = tx.execute(
-                "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, text, \
-                 sent_at_ms, received_at, outgoing) VALUES (?, ?, ?, ?, 'text', ?, ?, ?, ?)",
-                params![
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, \
+                     text, sent_at_ms, received_at, outgoing) VALUES (?, ?, ?, ?, 'text', ?, ?, ?, ?)",
+                )?
+                .execute(params![
                     message.id.to_string(),
                     envelope.group_id,
                     sender_name,
@@ -269,8 +270,8 @@ fn process_in_group(
                     message.sent_at_ms,
                     now,
                     (sender_name == identity.username) as i64,
-                ],
-            )?;
+                ])?;
+            provider.keep_group(group);
             Ok(Outcome::Messages(if inserted == 1 {
                 vec![message.id.to_string()]
             } else {
@@ -291,6 +292,7 @@ fn process_in_group(
             group
                 .store_pending_proposal(provider.storage(), *queued)
                 .map_err(CoreError::Store)?;
+            provider.keep_group(group);
             Ok(Outcome::Skipped)
         }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
@@ -389,8 +391,11 @@ fn process_in_group(
                     [&envelope.group_id],
                 )?;
                 group.delete(provider.storage())?;
-            } else if !removed.is_empty() && !removed.contains(&identity.username) {
-                notices.push(format!("{sender_name} removed {}", removed.join(", ")));
+            } else {
+                if !removed.is_empty() && !removed.contains(&identity.username) {
+                    notices.push(format!("{sender_name} removed {}", removed.join(", ")));
+                }
+                provider.keep_group(group);
             }
             Ok(Outcome::Notices(notices))
         }
