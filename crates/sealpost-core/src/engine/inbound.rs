@@ -1,11 +1,18 @@
 //! Processing what the server delivers: Welcomes, commits, proposals, application messages.
 //!
-//! Each envelope is processed in one transaction that also records its message id as
+//! Each envelope's effects are committed together with the record of its message id as
 //! processed, so a redelivered envelope (delivery is at-least-once) is skipped and a user
 //! sees every message exactly once. An envelope that cannot be processed (it does not
 //! decrypt, or a new member's certificate does not verify) is recorded too, with a notice,
 //! and never retried forever; a local storage failure is returned and the envelope stays
 //! unacknowledged.
+//!
+//! [`Engine::process_batch`] (the sync path) applies a whole mailbox page in one
+//! transaction: one commit and one fsync for the page, and each group's MLS state loaded
+//! once instead of once per message. Each envelope runs in a savepoint, so one that is
+//! rejected is undone alone and recorded as failed; a local failure rolls the whole page
+//! back, and since acknowledgements are sent only after the commit, the server delivers
+//! the page again.
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
@@ -414,6 +421,71 @@ fn is_remote_fault(err: &CoreError) -> bool {
     )
 }
 
+/// Applies one envelope inside the caller's transaction, in a savepoint, and returns the
+/// ids of the history entries it added. An envelope the peer or server got wrong is undone
+/// (back to the savepoint) and recorded as processed with a notice; a local failure is
+/// returned and the caller's transaction must roll back.
+fn apply_envelope(
+    provider: &Provider<'_>,
+    tx: &Transaction<'_>,
+    identity: &Identity,
+    envelope: &Envelope,
+    now: i64,
+) -> Result<Vec<String>, CoreError> {
+    if already_processed(tx, envelope)? {
+        return Ok(Vec::new());
+    }
+    tx.prepare_cached("SAVEPOINT envelope")?.execute([])?;
+    let attempt = (|| {
+        let outcome = match envelope.kind {
+            EnvelopeKind::Welcome => process_welcome(provider, tx, identity, envelope, now)?,
+            _ => process_in_group(provider, tx, identity, envelope, now)?,
+        };
+        mark_processed(tx, envelope, now)?;
+        let mut ids = Vec::new();
+        match outcome {
+            Outcome::Messages(messages) => ids.extend(messages),
+            Outcome::Notices(notices) => {
+                for text in notices {
+                    ids.push(insert_notice(tx, &envelope.group_id, &text, now, false)?);
+                }
+            }
+            Outcome::Skipped => {}
+        }
+        Ok(ids)
+    })();
+    match attempt {
+        Ok(ids) => {
+            tx.prepare_cached("RELEASE envelope")?.execute([])?;
+            Ok(ids)
+        }
+        // Undo the envelope's MLS work (groups in memory may be ahead of the rolled-back
+        // storage, so they go too), then record it as processed, with a notice, so it is
+        // acknowledged and never retried forever.
+        Err(err) if is_remote_fault(&err) => {
+            tx.execute_batch("ROLLBACK TO envelope; RELEASE envelope")?;
+            provider.forget_all_groups();
+            tracing::warn!(kind = kind_name(envelope.kind), "envelope rejected: {err}");
+            let text = match envelope.kind {
+                EnvelopeKind::Application => format!("a message could not be decrypted: {err}"),
+                _ => format!(
+                    "ALERT: a group change was rejected (it may be forged; the conversation \
+                     may not work until it is repaired): {err}"
+                ),
+            };
+            mark_processed(tx, envelope, now)?;
+            Ok(vec![insert_notice(
+                tx,
+                &envelope.group_id,
+                &text,
+                now,
+                false,
+            )?])
+        }
+        Err(err) => Err(err),
+    }
+}
+
 impl Engine {
     /// Applies one envelope and returns what the user should see (new messages and
     /// notices). Returns an error only for local failures; the envelope is then not
@@ -423,54 +495,15 @@ impl Engine {
         envelope: &Envelope,
         now: i64,
     ) -> Result<Vec<HistoryEntry>, CoreError> {
-        let attempt = self.transact(|provider, tx, identity| {
-            let identity = identity.ok_or(CoreError::NotRegistered)?;
-            if already_processed(tx, envelope)? {
-                return Ok(Vec::new());
-            }
-            let outcome = match envelope.kind {
-                EnvelopeKind::Welcome => process_welcome(provider, tx, identity, envelope, now)?,
-                _ => process_in_group(provider, tx, identity, envelope, now)?,
-            };
-            mark_processed(tx, envelope, now)?;
-            let mut ids = Vec::new();
-            match outcome {
-                Outcome::Messages(messages) => ids.extend(messages),
-                Outcome::Notices(notices) => {
-                    for text in notices {
-                        ids.push(insert_notice(tx, &envelope.group_id, &text, now, false)?);
-                    }
-                }
-                Outcome::Skipped => {}
-            }
-            Ok(ids)
-        });
-        let ids = match attempt {
-            Ok(ids) => ids,
-            // The MLS work was rolled back. Record the envelope as processed, with a
-            // notice, so it is acknowledged and never retried forever.
-            Err(err) if is_remote_fault(&err) => {
-                tracing::warn!(kind = kind_name(envelope.kind), "envelope rejected: {err}");
-                let text = match envelope.kind {
-                    EnvelopeKind::Application => format!("a message could not be decrypted: {err}"),
-                    _ => format!(
-                        "ALERT: a group change was rejected (it may be forged; the conversation \
-                         may not work until it is repaired): {err}"
-                    ),
-                };
-                self.transact(|_, tx, _| {
-                    mark_processed(tx, envelope, now)?;
-                    Ok(vec![insert_notice(
-                        tx,
-                        &envelope.group_id,
-                        &text,
-                        now,
-                        false,
-                    )?])
-                })?
-            }
-            Err(err) => return Err(err),
-        };
+        let ids = self.transact(|provider, tx, identity| {
+            apply_envelope(
+                provider,
+                tx,
+                identity.ok_or(CoreError::NotRegistered)?,
+                envelope,
+                now,
+            )
+        })?;
         let mut entries = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(entry) = history_entry(&self.conn, &id)? {
@@ -480,29 +513,24 @@ impl Engine {
         Ok(entries)
     }
 
-    /// Applies a batch of envelopes in order and makes the result durable; returns the
-    /// ids to acknowledge. Each envelope commits with `synchronous = NORMAL` (safe against
-    /// a process crash); one FULL commit at the end fsyncs the WAL, making the whole batch
-    /// durable against power loss before anything is acknowledged to the server.
+    /// Applies a batch of envelopes (a mailbox page) in order, all in one transaction
+    /// committed with `synchronous = FULL`, and returns the ids to acknowledge: when this
+    /// returns, the whole batch is durable. On a local failure nothing of the batch is
+    /// applied and an error is returned (acknowledge nothing; the server delivers the
+    /// batch again). What the batch added to history is read with
+    /// [`Engine::take_unshown`].
     pub fn process_batch(
         &mut self,
         envelopes: &[Envelope],
         now: i64,
     ) -> Result<Vec<u64>, CoreError> {
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let mut acks = Vec::with_capacity(envelopes.len());
-        let mut result = Ok(());
-        for envelope in envelopes {
-            match self.process_envelope(envelope, now) {
-                Ok(_) => acks.push(envelope.id),
-                Err(err) => {
-                    result = Err(err);
-                    break;
-                }
+        self.transact(|provider, tx, identity| {
+            let identity = identity.ok_or(CoreError::NotRegistered)?;
+            for envelope in envelopes {
+                apply_envelope(provider, tx, identity, envelope, now)?;
             }
-        }
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
-        crate::store::meta_set(&self.conn, "last_processed", &now.to_le_bytes())?;
-        result.map(|()| acks)
+            crate::store::meta_set(tx, "last_processed", &now.to_le_bytes())?;
+            Ok(envelopes.iter().map(|envelope| envelope.id).collect())
+        })
     }
 }

@@ -6,7 +6,7 @@
 //! engines add each other only after verifying real lookup proofs, exactly as with a
 //! server. Everything else a server does (sequencing, mailboxes) is left out: the caller
 //! hands the engines' outgoing requests over as [`Envelope`]s.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
