@@ -52,34 +52,20 @@ fn kind_name(kind: EnvelopeKind) -> &'static str {
     }
 }
 
-fn already_processed(tx: &Transaction<'_>, envelope: &Envelope) -> Result<bool, CoreError> {
-    Ok(tx
+/// Records an envelope as processed; `false` if it already was (a redelivery).
+fn mark_processed(tx: &Transaction<'_>, envelope: &Envelope, now: i64) -> Result<bool, CoreError> {
+    let inserted = tx
         .prepare_cached(
-            "SELECT 1 FROM processed WHERE group_id = ? AND message_id = ? AND kind = ?",
+            "INSERT OR IGNORE INTO processed (group_id, message_id, kind, processed_at) \
+             VALUES (?, ?, ?, ?)",
         )?
-        .query_row(
-            params![
-                envelope.group_id,
-                envelope.message_id.to_string(),
-                kind_name(envelope.kind)
-            ],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some())
-}
-
-fn mark_processed(tx: &Transaction<'_>, envelope: &Envelope, now: i64) -> Result<(), CoreError> {
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO processed (group_id, message_id, kind, processed_at) VALUES (?, ?, ?, ?)",
-    )?
-    .execute(params![
-        envelope.group_id,
-        envelope.message_id.to_string(),
-        kind_name(envelope.kind),
-        now
-    ])?;
-    Ok(())
+        .execute(params![
+            envelope.group_id,
+            envelope.message_id.to_string(),
+            kind_name(envelope.kind),
+            now
+        ])?;
+    Ok(inserted == 1)
 }
 
 /// Checks a member a Welcome or commit brings: a valid certificate naming the key it signs
@@ -432,16 +418,17 @@ fn apply_envelope(
     envelope: &Envelope,
     now: i64,
 ) -> Result<Vec<String>, CoreError> {
-    if already_processed(tx, envelope)? {
+    tx.prepare_cached("SAVEPOINT envelope")?.execute([])?;
+    // Recording the envelope first is also how a redelivered one is found.
+    if !mark_processed(tx, envelope, now)? {
+        tx.prepare_cached("RELEASE envelope")?.execute([])?;
         return Ok(Vec::new());
     }
-    tx.prepare_cached("SAVEPOINT envelope")?.execute([])?;
     let attempt = (|| {
         let outcome = match envelope.kind {
             EnvelopeKind::Welcome => process_welcome(provider, tx, identity, envelope, now)?,
             _ => process_in_group(provider, tx, identity, envelope, now)?,
         };
-        mark_processed(tx, envelope, now)?;
         let mut ids = Vec::new();
         match outcome {
             Outcome::Messages(messages) => ids.extend(messages),
