@@ -36,8 +36,9 @@ impl Codec for JsonCodec {
     }
 }
 
-/// How many groups [`GroupCache`] keeps in memory.
-const GROUP_CACHE_CAPACITY: usize = 16;
+/// How many groups [`GroupCache`] keeps in memory (the least recently used go first). A
+/// group of 1,000 members takes several MB, so this stays small.
+const GROUP_CACHE_CAPACITY: usize = 8;
 
 /// MLS groups kept in memory between transactions, so that the next message of a group
 /// does not parse the group's whole state (ratchet tree, secrets) from the database again.
