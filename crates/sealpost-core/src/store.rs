@@ -6,9 +6,11 @@
 //! state through [`Provider`] on that same connection, writes its own rows, and commits
 //! once. A client killed at any point finds either both or neither.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::time::Duration;
 
+use openmls::prelude::{GroupId, MlsGroup};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
@@ -34,11 +36,85 @@ impl Codec for JsonCodec {
     }
 }
 
+/// How many groups [`GroupCache`] keeps in memory (the least recently used go first). A
+/// group of 1,000 members takes several MB, so this stays small.
+const GROUP_CACHE_CAPACITY: usize = 8;
+
+/// MLS groups kept in memory between transactions, so that the next message of a group
+/// does not parse the group's whole state (ratchet tree, secrets) from the database again.
+///
+/// OpenMLS writes every change of a group through to storage as it makes it, so an
+/// `MlsGroup` in memory equals what `MlsGroup::load` would read, as long as
+/// - it was put back only after the transaction that last changed it committed
+///   ([`Provider::keep_group`], [`GroupCache::commit`]); a rolled-back transaction drops
+///   what it kept and what it took;
+/// - taking a group out ([`Provider::take_group`]) removes it: there is never a second
+///   copy in memory that could fall behind the database, and whoever changes a group
+///   without putting it back leaves the next reader to load it from the database;
+/// - nobody else changed the database: `PRAGMA data_version` is checked at the start of
+///   every transaction and the cache is emptied when another connection (another
+///   process) committed anything.
+///
+/// Code that creates or replaces a group in storage without taking it first (joining
+/// from a Welcome) calls [`Provider::forget_group`].
+#[derive(Default)]
+pub struct GroupCache {
+    /// `PRAGMA data_version` when the entries were last known to match the database.
+    data_version: Option<i64>,
+    /// Groups as of the last commit, least recently kept first.
+    committed: Vec<MlsGroup>,
+    /// Groups kept by the transaction under way, to enter `committed` when it commits.
+    pending: Vec<MlsGroup>,
+}
+
+impl GroupCache {
+    /// Starts a transaction: drops everything if another connection changed the database.
+    pub fn begin(&mut self, connection: &Connection) -> Result<(), CoreError> {
+        let version: i64 = connection
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |row| row.get(0))?;
+        if self.data_version != Some(version) {
+            self.committed.clear();
+            self.data_version = Some(version);
+        }
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// The transaction committed: what it kept is now the database's state.
+    pub fn commit(&mut self) {
+        for group in std::mem::take(&mut self.pending) {
+            self.committed.retain(|g| g.group_id() != group.group_id());
+            self.committed.push(group);
+        }
+        let excess = self.committed.len().saturating_sub(GROUP_CACHE_CAPACITY);
+        self.committed.drain(..excess);
+    }
+
+    /// The transaction (or part of it) rolled back: groups in memory may be ahead of the
+    /// database, so forget them all.
+    pub fn rollback(&mut self) {
+        self.pending.clear();
+        self.committed.clear();
+    }
+
+    fn take(&mut self, group_id: &GroupId) -> Option<MlsGroup> {
+        for list in [&mut self.pending, &mut self.committed] {
+            if let Some(index) = list.iter().position(|g| g.group_id() == group_id) {
+                return Some(list.remove(index));
+            }
+        }
+        None
+    }
+}
+
 /// The OpenMLS provider for one transaction: RustCrypto for crypto and randomness, the
-/// SQLite storage provider writing through the transaction's connection.
+/// SQLite storage provider writing through the transaction's connection, and (inside the
+/// engine's transactions) the engine's [`GroupCache`].
 pub struct Provider<'a> {
     crypto: &'a RustCrypto,
     storage: SqliteStorageProvider<JsonCodec, &'a Connection>,
+    groups: Option<&'a RefCell<GroupCache>>,
 }
 
 impl<'a> Provider<'a> {
@@ -46,6 +122,51 @@ impl<'a> Provider<'a> {
         Self {
             crypto,
             storage: SqliteStorageProvider::new(connection),
+            groups: None,
+        }
+    }
+
+    /// A provider whose transaction began with [`GroupCache::begin`].
+    pub fn with_cache(
+        crypto: &'a RustCrypto,
+        connection: &'a Connection,
+        groups: &'a RefCell<GroupCache>,
+    ) -> Self {
+        Self {
+            groups: Some(groups),
+            ..Self::new(crypto, connection)
+        }
+    }
+
+    /// Loads a group: from the cache if it is there (taking it out), else from storage.
+    pub fn take_group(&self, group_id: &GroupId) -> Result<Option<MlsGroup>, CoreError> {
+        if let Some(group) = self.groups.and_then(|g| g.borrow_mut().take(group_id)) {
+            return Ok(Some(group));
+        }
+        MlsGroup::load(&self.storage, group_id).map_err(CoreError::Store)
+    }
+
+    /// Puts back a group whose every change went through this transaction's storage; it
+    /// is cached if the transaction commits.
+    pub fn keep_group(&self, group: MlsGroup) {
+        if let Some(groups) = self.groups {
+            let mut groups = groups.borrow_mut();
+            groups.pending.retain(|g| g.group_id() != group.group_id());
+            groups.pending.push(group);
+        }
+    }
+
+    /// Drops any copy of a group from memory (its storage is about to be replaced).
+    pub fn forget_group(&self, group_id: &GroupId) {
+        if let Some(groups) = self.groups {
+            drop(groups.borrow_mut().take(group_id));
+        }
+    }
+
+    /// Part of the transaction rolled back (a savepoint): forget every group in memory.
+    pub fn forget_all_groups(&self) {
+        if let Some(groups) = self.groups {
+            groups.borrow_mut().rollback();
         }
     }
 }
@@ -148,12 +269,18 @@ fn migrate(connection: &mut Connection) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// Prepared statements kept per connection (the engine's hot paths use `prepare_cached`).
+const STATEMENT_CACHE_CAPACITY: usize = 64;
+
 /// Opens (creating if needed) the client database and prepares both schemas.
 pub fn open(path: &Path) -> Result<Connection, CoreError> {
     let mut connection = Connection::open(path)?;
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     connection.busy_timeout(Duration::from_secs(30))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.pragma_update(None, "cache_size", -16384)?;
+    connection.pragma_update(None, "temp_store", "MEMORY")?;
     migrate(&mut connection)?;
     SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut connection)
         .run_migrations()
@@ -164,6 +291,7 @@ pub fn open(path: &Path) -> Result<Connection, CoreError> {
 /// An in-memory store (scratch work that must not touch the user's database).
 pub fn open_in_memory() -> Result<Connection, CoreError> {
     let mut connection = Connection::open_in_memory()?;
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     migrate(&mut connection)?;
     SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut connection)
         .run_migrations()

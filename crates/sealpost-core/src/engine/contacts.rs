@@ -64,17 +64,16 @@ struct ContactRow {
 
 fn contact_row(tx: &Transaction<'_>, username: &str) -> Result<Option<ContactRow>, CoreError> {
     Ok(tx
-        .query_row(
+        .prepare_cached(
             "SELECT account_key, verified, pending_key FROM contacts WHERE username = ?",
-            [username],
-            |row| {
-                Ok(ContactRow {
-                    account_key: row.get(0)?,
-                    verified: row.get::<_, i64>(1)? != 0,
-                    pending_key: row.get(2)?,
-                })
-            },
-        )
+        )?
+        .query_row([username], |row| {
+            Ok(ContactRow {
+                account_key: row.get(0)?,
+                verified: row.get::<_, i64>(1)? != 0,
+                pending_key: row.get(2)?,
+            })
+        })
         .optional()?)
 }
 
@@ -160,17 +159,23 @@ pub(crate) fn observe_account_key(
     }
 }
 
-/// Users whose unaccepted key change blocks sending to this group.
+/// Users whose unaccepted key change blocks sending to this group, in the order given.
 pub(crate) fn blocked_members(
     tx: &Transaction<'_>,
     usernames: impl IntoIterator<Item = String>,
 ) -> Result<Vec<String>, CoreError> {
+    // Key changes awaiting acceptance are rare: one query for all of them, whatever the
+    // size of the group.
+    let pending: Vec<String> = tx
+        .prepare_cached("SELECT username FROM contacts WHERE pending_key IS NOT NULL")?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
     let mut blocked = Vec::new();
+    if pending.is_empty() {
+        return Ok(blocked);
+    }
     for username in usernames {
-        if blocked.contains(&username) {
-            continue;
-        }
-        if contact_row(tx, &username)?.is_some_and(|row| row.pending_key.is_some()) {
+        if pending.contains(&username) && !blocked.contains(&username) {
             blocked.push(username);
         }
     }

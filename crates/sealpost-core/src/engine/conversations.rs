@@ -111,13 +111,20 @@ pub struct MemberDevice {
     pub leaf: LeafNodeIndex,
 }
 
+pub(crate) fn mls_group_id(group_id: &str) -> Result<GroupId, CoreError> {
+    let raw = hex::decode(group_id)
+        .map_err(|_| CoreError::InvalidInput(format!("bad group id {group_id}")))?;
+    Ok(GroupId::from_slice(&raw))
+}
+
+/// Loads a group (from memory if the engine has it there, see [`crate::store::GroupCache`]).
+/// A caller that leaves the group as storage has it (every change made through
+/// `provider`) may hand it back with `provider.keep_group` to spare the next reader.
 pub(crate) fn load_group(
     provider: &Provider<'_>,
     group_id: &str,
 ) -> Result<Option<MlsGroup>, CoreError> {
-    let raw = hex::decode(group_id)
-        .map_err(|_| CoreError::InvalidInput(format!("bad group id {group_id}")))?;
-    MlsGroup::load(provider.storage(), &GroupId::from_slice(&raw)).map_err(CoreError::mls)
+    provider.take_group(&mls_group_id(group_id)?)
 }
 
 pub(crate) fn require_group(
@@ -215,25 +222,23 @@ pub(crate) fn insert_outbox(
         Outgoing::Message(_) => "message",
         Outgoing::Proposal(_) => "proposal",
     };
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO outbox (message_id, group_id, kind, request, text, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        params![
+    )?
+    .execute(params![
             outgoing.message_id().to_string(),
             group_id,
             kind,
             to_json(outgoing)?,
             text,
             now
-        ],
-    )?;
+        ])?;
     Ok(())
 }
 
 pub(crate) fn delete_outbox(tx: &Transaction<'_>, message_id: Uuid) -> Result<(), CoreError> {
-    tx.execute(
-        "DELETE FROM outbox WHERE message_id = ?",
-        [message_id.to_string()],
-    )?;
+    tx.prepare_cached("DELETE FROM outbox WHERE message_id = ?")?
+        .execute([message_id.to_string()])?;
     Ok(())
 }
 
@@ -247,11 +252,11 @@ pub(crate) fn insert_notice(
     shown: bool,
 ) -> Result<String, CoreError> {
     let id = Uuid::new_v4().to_string();
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO history (id, group_id, sender, kind, text, sent_at_ms, received_at, outgoing, shown) \
          VALUES (?, ?, '', 'notice', ?, ?, ?, 0, ?)",
-        params![id, group_id, text, now * 1000, now, shown as i64],
-    )?;
+    )?
+    .execute(params![id, group_id, text, now * 1000, now, shown as i64])?;
     Ok(id)
 }
 
@@ -280,13 +285,11 @@ pub(crate) fn commit_request(
     })
 }
 
-fn status_of(tx: &Transaction<'_>, group_id: &str) -> Result<Option<String>, CoreError> {
+/// A conversation's status (`active`, `left`, `removed`), `None` if there is none.
+pub(crate) fn status_of(tx: &Transaction<'_>, group_id: &str) -> Result<Option<String>, CoreError> {
     Ok(tx
-        .query_row(
-            "SELECT status FROM conversations WHERE group_id = ?",
-            [group_id],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT status FROM conversations WHERE group_id = ?")?
+        .query_row([group_id], |row| row.get(0))
         .optional()?)
 }
 
@@ -414,6 +417,7 @@ impl Engine {
                 params![group_id, kind, name, peer, now],
             )?;
             let request = add_commit(provider, tx, identity, &mut group, claimed, now)?;
+            provider.keep_group(group);
             let names: Vec<&str> = claimed.iter().map(|c| c.username.as_str()).collect();
             let outgoing = OutgoingCommit {
                 group_id: group_id.clone(),
@@ -451,6 +455,7 @@ impl Engine {
                 }
             }
             let request = add_commit(provider, tx, identity, &mut group, claimed, now)?;
+            provider.keep_group(group);
             let names: Vec<&str> = claimed.iter().map(|c| c.username.as_str()).collect();
             let outgoing = OutgoingCommit {
                 group_id: group_id.to_owned(),
@@ -560,6 +565,7 @@ impl Engine {
                     .merge_pending_commit(provider)
                     .map_err(CoreError::mls)?;
             }
+            provider.keep_group(group);
             if let Some(notice) = &outgoing.notice {
                 insert_notice(tx, &outgoing.group_id, notice, now, !outgoing.announce)?;
             }
@@ -692,11 +698,10 @@ impl Engine {
             let mut group = require_group(provider, group_id)?;
             // The peer of a 1:1 counts even if none of their devices is in the group now.
             let peer: Option<String> = tx
-                .query_row(
+                .prepare_cached(
                     "SELECT peer FROM conversations WHERE group_id = ? AND kind = 'direct'",
-                    [group_id],
-                    |row| row.get(0),
-                )
+                )?
+                .query_row([group_id], |row| row.get(0))
                 .optional()?
                 .flatten();
             let blocked = blocked_members(
@@ -737,22 +742,24 @@ impl Engine {
                     Some(text),
                     now,
                 )?;
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, \
                      text, sent_at_ms, received_at, outgoing, shown) \
                      VALUES (?, ?, ?, ?, 'text', ?, ?, ?, 1, 1)",
-                    params![
-                        id.to_string(),
-                        group_id,
-                        identity.username,
-                        identity.device_id.to_string(),
-                        text,
-                        now_ms,
-                        now
-                    ],
-                )?;
+                )?
+                .execute(params![
+                    id.to_string(),
+                    group_id,
+                    identity.username,
+                    identity.device_id.to_string(),
+                    text,
+                    now_ms,
+                    now
+                ])?;
                 sent.push(outgoing);
             }
+            // The group goes back to the engine's cache once this transaction commits.
+            provider.keep_group(group);
             Ok(sent)
         })
     }

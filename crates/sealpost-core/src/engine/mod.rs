@@ -17,6 +17,7 @@ pub mod inbound;
 pub mod queries;
 pub mod transparency;
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use openmls::prelude::tls_codec::Serialize as _;
@@ -39,7 +40,7 @@ use uuid::Uuid;
 use crate::error::CoreError;
 use crate::identity::AccountKey;
 use crate::payload::CONVERSATION_INFO_EXTENSION;
-use crate::store::{self, Provider};
+use crate::store::{self, GroupCache, Provider};
 
 pub use queries::{ConversationKind, ConversationSummary, HistoryEntry};
 
@@ -105,6 +106,8 @@ pub struct Engine {
     pub(crate) conn: Connection,
     crypto: RustCrypto,
     pub(crate) identity: Option<Identity>,
+    /// MLS groups in memory between transactions (see [`GroupCache`]).
+    groups: RefCell<GroupCache>,
 }
 
 fn tls_bytes(message: &MlsMessageOut) -> Result<Vec<u8>, CoreError> {
@@ -123,6 +126,7 @@ impl Engine {
             conn,
             crypto: RustCrypto::default(),
             identity: None,
+            groups: RefCell::default(),
         };
         engine.identity = engine.load_identity()?;
         Ok(engine)
@@ -176,7 +180,8 @@ impl Engine {
     }
 
     /// Runs `f` in one IMMEDIATE transaction with an OpenMLS provider on it; commits when
-    /// `f` succeeds and rolls back otherwise.
+    /// `f` succeeds and rolls back otherwise. Groups `f` keeps in the provider stay in
+    /// memory only if the transaction commits.
     pub(crate) fn transact<T>(
         &mut self,
         f: impl FnOnce(&Provider<'_>, &Transaction<'_>, Option<&Identity>) -> Result<T, CoreError>,
@@ -184,10 +189,21 @@ impl Engine {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let provider = Provider::new(&self.crypto, &tx);
-        let result = f(&provider, &tx, self.identity.as_ref())?;
-        tx.commit()?;
-        Ok(result)
+        let begun = self.groups.borrow_mut().begin(&tx);
+        let result = begun.and_then(|()| {
+            let provider = Provider::with_cache(&self.crypto, &tx, &self.groups);
+            f(&provider, &tx, self.identity.as_ref())
+        });
+        match result.and_then(|value| tx.commit().map(|()| value).map_err(CoreError::from)) {
+            Ok(value) => {
+                self.groups.borrow_mut().commit();
+                Ok(value)
+            }
+            Err(err) => {
+                self.groups.borrow_mut().rollback();
+                Err(err)
+            }
+        }
     }
 
     /// Makes this device's MLS signature key and id.

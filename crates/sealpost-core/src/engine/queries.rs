@@ -90,7 +90,10 @@ pub(crate) fn history_entry(
     let sql = format!(
         "SELECT {HISTORY_COLUMNS} FROM history h LEFT JOIN conversations c ON c.group_id = h.group_id WHERE h.id = ?"
     );
-    Ok(conn.query_row(&sql, [id], entry_from_row).optional()?)
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id], entry_from_row)
+        .optional()?)
 }
 
 impl Engine {

@@ -142,11 +142,8 @@ pub(crate) fn observe_gossip(
     now: i64,
 ) -> Result<(), CoreError> {
     let known: Option<Vec<u8>> = tx
-        .query_row(
-            "SELECT root_hash FROM kt_roots WHERE epoch = ?",
-            [gossip.epoch as i64],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT root_hash FROM kt_roots WHERE epoch = ?")?
+        .query_row([gossip.epoch as i64], |row| row.get(0))
         .optional()?;
     match known {
         Some(hash) if hash != gossip.root_hash => {
@@ -163,10 +160,10 @@ pub(crate) fn observe_gossip(
         }
         Some(_) => {}
         None => {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT OR IGNORE INTO kt_gossip_pending (epoch, root_hash, sender) VALUES (?, ?, ?)",
-                params![gossip.epoch as i64, gossip.root_hash, sender],
-            )?;
+            )?
+            .execute(params![gossip.epoch as i64, gossip.root_hash, sender])?;
         }
     }
     Ok(())
@@ -175,11 +172,8 @@ pub(crate) fn observe_gossip(
 /// The gossip to attach to an outgoing message: our newest root.
 pub(crate) fn current_gossip(tx: &Transaction<'_>) -> Result<Option<Gossip>, CoreError> {
     let row: Option<(i64, Vec<u8>)> = tx
-        .query_row(
-            "SELECT epoch, root_hash FROM kt_roots ORDER BY epoch DESC LIMIT 1",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
+        .prepare_cached("SELECT epoch, root_hash FROM kt_roots ORDER BY epoch DESC LIMIT 1")?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     Ok(row.and_then(|(epoch, hash)| {
         let hash: [u8; 32] = hash.try_into().ok()?;
@@ -211,11 +205,10 @@ pub(crate) fn is_proven_device(
     certificate: &[u8],
 ) -> Result<bool, CoreError> {
     let stored: Option<Vec<u8>> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT certificate FROM contact_devices WHERE username = ? AND device_id = ?",
-            params![username, device.to_string()],
-            |row| row.get(0),
-        )
+        )?
+        .query_row(params![username, device.to_string()], |row| row.get(0))
         .optional()?;
     Ok(stored.as_deref() == Some(certificate))
 }
