@@ -544,13 +544,22 @@ fn raw_pair<A: raw::Backend, B: raw::Backend>(
     (sender, receiver)
 }
 
+/// A group of benchmarks of one quick operation: 1 s warm-up, 4 s of measurement.
+fn single_operation_group<'a>(
+    c: &'a mut Criterion<Clock>,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, Clock> {
+    let mut group = c.benchmark_group(name);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(4));
+    group
+}
+
 // Every benchmark builds its state on first use (`get_or_insert_with` in the routine), so
 // that a filtered run does not pay for the setup of the benchmarks it leaves out.
 
 fn encrypt(c: &mut Criterion<Clock>) {
-    let mut group = c.benchmark_group("encrypt");
-    group.warm_up_time(Duration::from_secs(1));
-    group.measurement_time(Duration::from_secs(4));
+    let mut group = single_operation_group(c, "encrypt");
     let n = Cell::new(0);
 
     let mut engines = None;
@@ -589,9 +598,7 @@ fn encrypt(c: &mut Criterion<Clock>) {
 }
 
 fn decrypt(c: &mut Criterion<Clock>) {
-    let mut group = c.benchmark_group("decrypt");
-    group.warm_up_time(Duration::from_secs(1));
-    group.measurement_time(Duration::from_secs(4));
+    let mut group = single_operation_group(c, "decrypt");
     let n = Cell::new(0);
 
     // The engine's per-envelope entry point; the sync path's batches are in `backlog`.
@@ -660,9 +667,7 @@ fn adder(world: &mut World, dir: &Path, phantoms: &[Phantom]) -> (User, tempfile
 }
 
 fn create_group(c: &mut Criterion<Clock>) {
-    let mut group = c.benchmark_group("create_group");
-    group.warm_up_time(Duration::from_secs(1));
-    group.measurement_time(Duration::from_secs(4));
+    let mut group = single_operation_group(c, "create_group");
     let n = Cell::new(0);
 
     // Creating a conversation always adds its first member: measured as create + add one

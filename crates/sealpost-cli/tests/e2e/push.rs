@@ -65,6 +65,34 @@ async fn send_text(
     }
 }
 
+/// Sends prepared messages on a new push socket of `client`, all at once, and waits until
+/// every one is accepted.
+async fn send_prepared(
+    client: &Client,
+    prepared: &[sealpost_core::engine::conversations::OutgoingMessage],
+) {
+    let (mut tx, mut rx) = client.connect_push().await.unwrap().split();
+    for (i, message) in prepared.iter().enumerate() {
+        tx.feed(&ClientFrame::Send {
+            reference: i as u64,
+            group_id: message.group_id.clone(),
+            message_id: message.request.message_id,
+            message: message.request.message.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    tx.flush().await.unwrap();
+    let mut accepted = 0;
+    while accepted < prepared.len() {
+        match rx.next().await.unwrap().unwrap() {
+            ServerFrame::Sent { .. } => accepted += 1,
+            ServerFrame::SendFailed { error, .. } => panic!("send failed: {error:?}"),
+            _ => {}
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_socket_carries_backlog_live_mail_acks_and_sends() {
     let env = Env::new().await;
@@ -150,27 +178,7 @@ async fn a_slow_push_reader_loses_nothing() {
         .map(|i| format!("{i:05} {}", "x".repeat(8_000)))
         .collect();
     let prepared = alice.prepare_texts("bob", &texts_sent).unwrap();
-    let (mut alice_tx, mut alice_rx) = alice.connect_push().await.unwrap().split();
-    for (i, message) in prepared.iter().enumerate() {
-        alice_tx
-            .feed(&ClientFrame::Send {
-                reference: i as u64,
-                group_id: message.group_id.clone(),
-                message_id: message.request.message_id,
-                message: message.request.message.clone(),
-            })
-            .await
-            .unwrap();
-    }
-    alice_tx.flush().await.unwrap();
-    let mut accepted = 0;
-    while accepted < count {
-        match alice_rx.next().await.unwrap().unwrap() {
-            ServerFrame::Sent { .. } => accepted += 1,
-            ServerFrame::SendFailed { error, .. } => panic!("send failed: {error:?}"),
-            _ => {}
-        }
-    }
+    send_prepared(&alice, &prepared).await;
 
     let (received, _) = next_applications(&mut bob_rx, count).await;
     let expected: Vec<uuid::Uuid> = prepared.iter().map(|m| m.request.message_id).collect();
@@ -198,31 +206,12 @@ async fn a_slow_push_reader_loses_nothing() {
     );
 }
 
-/// Sends every prepared message of `client` for `conversation` on its own push socket and
-/// waits for all answers.
+/// Sends `count` texts of `client` for `conversation` on its own push socket and waits for
+/// all answers.
 async fn send_all(client: &Client, conversation: &str, count: usize) {
     let texts: Vec<String> = (0..count).map(|i| format!("message {i}")).collect();
     let prepared = client.prepare_texts(conversation, &texts).unwrap();
-    let (mut tx, mut rx) = client.connect_push().await.unwrap().split();
-    for (i, message) in prepared.iter().enumerate() {
-        tx.feed(&ClientFrame::Send {
-            reference: i as u64,
-            group_id: message.group_id.clone(),
-            message_id: message.request.message_id,
-            message: message.request.message.clone(),
-        })
-        .await
-        .unwrap();
-    }
-    tx.flush().await.unwrap();
-    let mut answered = 0;
-    while answered < count {
-        match rx.next().await.unwrap().unwrap() {
-            ServerFrame::Sent { .. } => answered += 1,
-            ServerFrame::SendFailed { error, .. } => panic!("send failed: {error:?}"),
-            _ => {}
-        }
-    }
+    send_prepared(client, &prepared).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -114,15 +114,7 @@ async fn sequence(
     state: &AppState,
     request: SequenceRequest,
 ) -> Result<Json<SequencedResponse>, ApiError> {
-    Ok(Json(sequence_and_deliver(state, request).await?))
-}
-
-/// [`sequence`] without the HTTP wrapping.
-pub(super) async fn sequence_and_deliver(
-    state: &AppState,
-    request: SequenceRequest,
-) -> Result<SequencedResponse, ApiError> {
-    queue(state, request).await?.await
+    Ok(Json(queue(state, request).await?.await?))
 }
 
 /// Queues a request for sequencing now and returns the future of the answer: requests
