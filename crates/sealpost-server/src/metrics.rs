@@ -41,6 +41,9 @@ pub struct Metrics {
     /// Requests per write transaction of the group-commit writer (sampled at each scrape).
     pub write_batches: Counter,
     pub batched_requests: Counter,
+    /// WAL flushes (`fdatasync`) that made those transactions durable (sampled at each
+    /// scrape); one flush may cover several transactions.
+    pub wal_flushes: Counter,
     /// Sequenced messages per write transaction of the group-commit writer.
     pub write_batch_size: Histogram,
     /// Request latency by route template and status.
@@ -57,6 +60,7 @@ impl Default for Metrics {
         let mailbox_depth = Gauge::default();
         let write_batches = Counter::default();
         let batched_requests = Counter::default();
+        let wal_flushes = Counter::default();
         let write_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
         let request_seconds = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
@@ -97,6 +101,11 @@ impl Default for Metrics {
             batched_requests.clone(),
         );
         registry.register(
+            "wal_flushes",
+            "WAL flushes that made those transactions durable",
+            wal_flushes.clone(),
+        );
+        registry.register(
             "write_batch_size",
             "Messages per write transaction",
             write_batch_size.clone(),
@@ -115,6 +124,7 @@ impl Default for Metrics {
             mailbox_depth,
             write_batches,
             batched_requests,
+            wal_flushes,
             write_batch_size,
             request_seconds,
         }

@@ -305,18 +305,14 @@ async fn metrics(
         state.metrics.mailbox_depth.set(depth as i64);
     }
     let stats = state.sqlite.batch_stats();
-    let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
-    let requests = stats.requests.load(std::sync::atomic::Ordering::Relaxed);
-    let counted = state.metrics.write_batches.get();
-    state
-        .metrics
-        .write_batches
-        .inc_by(batches.saturating_sub(counted));
-    let counted = state.metrics.batched_requests.get();
-    state
-        .metrics
-        .batched_requests
-        .inc_by(requests.saturating_sub(counted));
+    for (counter, total) in [
+        (&state.metrics.write_batches, &stats.batches),
+        (&state.metrics.batched_requests, &stats.requests),
+        (&state.metrics.wal_flushes, &stats.flushes),
+    ] {
+        let total = total.load(std::sync::atomic::Ordering::Relaxed);
+        counter.inc_by(total.saturating_sub(counter.get()));
+    }
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -41,6 +41,9 @@ pub struct SqliteStore {
     batcher: mpsc::Sender<Job>,
     stats: Arc<BatchStats>,
     deliveries: Arc<super::writer::DeliveryHook>,
+    /// Mailbox reads stop at the highest position known to be on disk (see
+    /// `writer::durability`).
+    durable: Arc<super::writer::durability::DurableMark>,
 }
 
 pub use super::writer::BatchStats;
@@ -54,6 +57,15 @@ pub(crate) const WRITE_TRANSACTION: &str = "BEGIN IMMEDIATE";
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_flush(path, Arc::new(super::writer::durability::sync_wal)).await
+    }
+
+    /// [`SqliteStore::open`] with another way of flushing the WAL (tests hold or fail
+    /// flushes with it to see what waits for them).
+    pub(crate) async fn open_with_flush(
+        path: &Path,
+        flush: super::writer::durability::FlushFn,
+    ) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
             .create_if_missing(true)
@@ -72,13 +84,15 @@ impl SqliteStore {
             .await?;
         let stats = Arc::new(BatchStats::default());
         let deliveries = Arc::new(super::writer::DeliveryHook::default());
-        let batcher = super::writer::spawn(path, stats.clone(), deliveries.clone())?;
+        let (batcher, durable) =
+            super::writer::spawn(path, stats.clone(), deliveries.clone(), flush)?;
         Ok(Self {
             writer,
             reader,
             batcher,
             stats,
             deliveries,
+            durable,
         })
     }
 
@@ -232,6 +246,7 @@ async fn delete_device(conn: &mut SqliteConnection, device_id: Uuid) -> Result<(
         "DELETE FROM key_packages WHERE device_id = ?",
         "DELETE FROM group_members WHERE device_id = ?",
         "DELETE FROM mailbox WHERE device_id = ?",
+        "DELETE FROM mailbox_counts WHERE device_id = ?",
         "DELETE FROM links WHERE owner_device = ?",
         "DELETE FROM devices WHERE device_id = ?",
     ] {
@@ -836,10 +851,11 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "SELECT b.seq, m.message_id, m.group_id, m.group_seq, m.kind, m.server_time, m.payload \
              FROM mailbox b JOIN messages m ON m.id = b.message \
-             WHERE b.device_id = ? AND b.seq > ? ORDER BY b.seq LIMIT ?",
+             WHERE b.device_id = ? AND b.seq > ? AND b.seq <= ? ORDER BY b.seq LIMIT ?",
         )
         .bind(device_id.as_bytes().as_slice())
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(i64::try_from(self.durable.get()).unwrap_or(i64::MAX))
         .bind((limit + 1) as i64)
         .fetch_all(&self.reader)
         .await?;
@@ -888,13 +904,26 @@ impl Store for SqliteStore {
 
     async fn expire(&self, now: i64) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
-        let mailbox = sqlx::query(
-            "DELETE FROM mailbox WHERE message IN (SELECT id FROM messages WHERE expires_at < ?)",
+        let emptied: Vec<Vec<u8>> = sqlx::query_scalar(
+            "DELETE FROM mailbox WHERE message IN (SELECT id FROM messages WHERE expires_at < ?) \
+             RETURNING device_id",
         )
         .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_all(&mut *tx)
+        .await?;
+        let mailbox = emptied.len() as u64;
+        let mut devices = emptied;
+        devices.sort_unstable();
+        devices.dedup();
+        for device in devices {
+            sqlx::query(
+                "UPDATE mailbox_counts SET n = (SELECT COUNT(*) FROM mailbox WHERE device_id = ?1) \
+                 WHERE device_id = ?1",
+            )
+            .bind(device)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query("DELETE FROM messages WHERE expires_at < ?")
             .bind(now)
             .execute(&mut *tx)
@@ -1006,5 +1035,252 @@ mod tests {
                 .epoch,
             0
         );
+    }
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn request(group: &str, sender: Uuid, kind: EnvelopeKind, epoch: u64) -> SequenceRequest {
+        SequenceRequest {
+            group_id: group.into(),
+            sender_device: sender,
+            message_id: Uuid::now_v7(),
+            kind,
+            epoch,
+            mailbox_quota: u64::MAX,
+            payload: Uuid::new_v4().as_bytes().to_vec(),
+            welcome: None,
+            added_devices: Vec::new(),
+            removed_devices: Vec::new(),
+            leaving_devices: Vec::new(),
+            now: NOW,
+            expires_at: NOW + 100,
+        }
+    }
+
+    async fn device(store: &SqliteStore, username: &str) -> Uuid {
+        let device = DeviceRecord {
+            device_id: Uuid::new_v4(),
+            username: username.into(),
+            signature_key: vec![1; 32],
+            certificate: vec![2; 150],
+            created_day: NOW / 86_400,
+            name_sealed: None,
+        };
+        store
+            .create_account(
+                &AccountRecord {
+                    username: username.into(),
+                    account_key: vec![3; 32],
+                    created_day: NOW / 86_400,
+                    last_seen_day: NOW / 86_400,
+                },
+                &device,
+            )
+            .await
+            .unwrap();
+        device.device_id
+    }
+
+    /// A group of `a` and `b` at epoch 1; `b` has the Welcome in its mailbox.
+    async fn pair(store: &SqliteStore, group: &str) -> (Uuid, Uuid) {
+        let a = device(store, &format!("a{}", &group[..6])).await;
+        let b = device(store, &format!("b{}", &group[..6])).await;
+        store.create_group(group, a).await.unwrap();
+        let mut add = request(group, a, EnvelopeKind::Commit, 0);
+        add.added_devices = vec![b];
+        add.welcome = Some(b"welcome".to_vec());
+        store.sequence(add).await.unwrap();
+        (a, b)
+    }
+
+    /// WAL flushes that wait while the test holds them, or fail.
+    #[derive(Clone, Default)]
+    struct Flushes {
+        held: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Flushes {
+        fn flush_fn(&self) -> super::super::writer::durability::FlushFn {
+            let this = self.clone();
+            Arc::new(move |wal| {
+                let (held, changed) = &*this.held;
+                let mut guard = held.lock().unwrap();
+                while *guard {
+                    guard = changed.wait(guard).unwrap();
+                }
+                if this.failing.load(Ordering::SeqCst) {
+                    return Err(std::io::Error::other("the disk is gone"));
+                }
+                super::super::writer::durability::sync_wal(wal)
+            })
+        }
+
+        fn hold(&self, hold: bool) {
+            *self.held.0.lock().unwrap() = hold;
+            self.held.1.notify_all();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_answered_or_readable_before_the_wal_is_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let flushes = Flushes::default();
+        let store = SqliteStore::open_with_flush(&dir.path().join("t.db"), flushes.flush_fn())
+            .await
+            .unwrap();
+        let group = "a1".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        assert_eq!(store.fetch_mailbox(b, 10).await.unwrap().0.len(), 1);
+
+        flushes.hold(true);
+        let mut ticket = store
+            .queue_sequence(request(&group, a, EnvelopeKind::Application, 1))
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut ticket).await;
+        assert!(early.is_err(), "answered before the flush");
+        // Committed, but not durable: no reader may see it.
+        assert_eq!(store.fetch_mailbox(b, 10).await.unwrap().0.len(), 1);
+        flushes.hold(false);
+        let outcome = ticket.await.unwrap();
+        assert_eq!(outcome.deliveries.len(), 1);
+        assert_eq!(store.fetch_mailbox(b, 10).await.unwrap().0.len(), 2);
+        store.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_flush_is_an_error_and_a_retry_gets_the_first_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let flushes = Flushes::default();
+        let store = SqliteStore::open_with_flush(&dir.path().join("t.db"), flushes.flush_fn())
+            .await
+            .unwrap();
+        let group = "a2".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = delivered.clone();
+        store.on_deliveries(move |d| seen.lock().unwrap().extend(d.iter().map(|d| d.mailbox_id)));
+
+        flushes.failing.store(true, Ordering::SeqCst);
+        let first = request(&group, a, EnvelopeKind::Application, 1);
+        assert!(matches!(
+            store.sequence(first.clone()).await,
+            Err(StoreError::CommitFailed(_))
+        ));
+        assert!(
+            delivered.lock().unwrap().is_empty(),
+            "pushed without a flush"
+        );
+        assert_eq!(store.fetch_mailbox(b, 10).await.unwrap().0.len(), 1);
+
+        flushes.failing.store(false, Ordering::SeqCst);
+        // The sender retries: the message was committed, so it gets its sequence number.
+        let retried = store.sequence(first).await.unwrap();
+        assert_eq!(retried.response.group_seq, 2);
+        assert!(retried.deliveries.is_empty());
+        // Once a later flush succeeded, the envelope is readable (pulled, not pushed).
+        store
+            .sequence(request(&group, a, EnvelopeKind::Application, 1))
+            .await
+            .unwrap();
+        let (mail, _) = store.fetch_mailbox(b, 10).await.unwrap();
+        assert_eq!(
+            mail.iter().map(|e| e.group_seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_writer_sees_what_other_connections_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let group = "a3".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        let before = store
+            .sequence(request(&group, a, EnvelopeKind::Application, 1))
+            .await
+            .unwrap();
+        assert_eq!(before.recipients(), vec![b]);
+        // Removed over the sqlx connection, while the writer has the group cached.
+        store.remove_device(b).await.unwrap();
+        let after = store
+            .sequence(request(&group, a, EnvelopeKind::Application, 1))
+            .await
+            .unwrap();
+        assert!(after.deliveries.is_empty(), "delivered to a removed device");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn mailbox_counts_follow_expiry_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let group = "a4".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        let mut quota = request(&group, a, EnvelopeKind::Application, 1);
+        quota.mailbox_quota = 2;
+        store.sequence(quota.clone()).await.unwrap();
+        // b holds the Welcome and one message: full.
+        quota.message_id = Uuid::now_v7();
+        assert!(matches!(
+            store.sequence(quota.clone()).await,
+            Err(StoreError::MailboxFull)
+        ));
+        store.close().await;
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert!(matches!(
+            store.sequence(quota.clone()).await,
+            Err(StoreError::MailboxFull)
+        ));
+        // Expiry empties the mailbox over the sqlx connection; the count follows.
+        assert_eq!(store.expire(NOW + 101).await.unwrap(), 2);
+        store.sequence(quota).await.unwrap();
+        let ids: Vec<u64> = store
+            .fetch_mailbox(b, 10)
+            .await
+            .unwrap()
+            .0
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids.len(), 1);
+        assert_eq!(store.ack(b, &ids).await.unwrap(), 1);
+        let count: i64 = sqlx::query_scalar("SELECT n FROM mailbox_counts WHERE device_id = ?")
+            .bind(b.as_bytes().as_slice())
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        assert_eq!(count, 0);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_commit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let group = "a5".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        // Removes b, then fails on an unknown device: the savepoint and the cache both
+        // go back.
+        let mut bad = request(&group, a, EnvelopeKind::Commit, 1);
+        bad.removed_devices = vec![b];
+        bad.added_devices = vec![Uuid::new_v4()];
+        bad.welcome = Some(b"w".to_vec());
+        assert!(matches!(
+            store.sequence(bad).await,
+            Err(StoreError::UnknownDevice(_))
+        ));
+        // b's mailbox holds the Welcome only: the refused commit is not counted.
+        let mut next = request(&group, a, EnvelopeKind::Application, 1);
+        next.mailbox_quota = 2;
+        let message = store.sequence(next).await.unwrap();
+        assert_eq!(message.response.group_seq, 2);
+        assert_eq!(message.recipients(), vec![b]);
+        let state = store.group(&group).await.unwrap().unwrap();
+        assert_eq!((state.epoch, state.members.len()), (1, 2));
+        store.close().await;
     }
 }

@@ -1,0 +1,380 @@
+//! The group-commit writer: the hot write path of the SQLite backend.
+//!
+//! Sequencing messages and acknowledging envelopes are most of what a busy server writes.
+//! Both run on one dedicated OS thread that owns a plain `rusqlite` connection with cached
+//! prepared statements: every job waiting when the thread becomes free (up to
+//! [`MAX_BATCH`]) is applied in one transaction and the transaction is committed once.
+//! Group state and mailbox sizes stay in memory between batches ([`cache`]), so a message
+//! costs a message row and its mailbox rows. The commit does not wait for the disk: the
+//! [`durability`] thread flushes the WAL and only then answers the batch's jobs and hands
+//! its envelopes to the sockets, while this thread applies the next batch. No sender is
+//! told "accepted", and no envelope is sent or forgotten, before the disk has it.
+//!
+//! Why a thread and rusqlite rather than the async `sqlx` pool used for everything else:
+//! the hot path runs several small statements per message, and `sqlx`'s SQLite driver
+//! hands every statement to a worker thread and back, which costs more than the statement
+//! itself. Other writes (accounts, KeyPackages, the key directory) are rare and stay on
+//! `sqlx`; the two writers take SQLite's write lock in turn (`busy_timeout`).
+
+mod cache;
+pub mod durability;
+mod sequence;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior};
+use sealpost_proto::api::EnvelopeKind;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use self::cache::Cache;
+use self::durability::{Committed, DurableMark};
+use super::{Delivery, SequenceOutcome, SequenceRequest, StoreError};
+
+/// Most jobs one transaction carries.
+pub const MAX_BATCH: usize = 512;
+
+/// Counters of the group-commit writer.
+#[derive(Default)]
+pub struct BatchStats {
+    /// Transactions committed.
+    pub batches: AtomicU64,
+    /// Requests they carried.
+    pub requests: AtomicU64,
+    /// WAL flushes (`fdatasync`); one may cover several batches.
+    pub flushes: AtomicU64,
+    /// Called with the size of every committed batch (metrics).
+    observer: std::sync::OnceLock<Box<dyn Fn(usize) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for BatchStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchStats")
+            .field("batches", &self.batches)
+            .field("requests", &self.requests)
+            .field("flushes", &self.flushes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchStats {
+    /// Registers the function told the size of every committed batch (once).
+    pub fn observe(&self, observer: impl Fn(usize) + Send + Sync + 'static) {
+        let _ = self.observer.set(Box::new(observer));
+    }
+}
+
+/// Told every durable delivery, in mailbox order, before any job of its batch is
+/// answered. Called on the durability thread, so it must not block; the server hands the
+/// deliveries to the devices' sockets (`Notifier::deliver`). Delivering from here, rather
+/// than from each sender's task, is what keeps every device's push queue in mailbox order
+/// when many senders' messages share a batch.
+#[derive(Default)]
+pub struct DeliveryHook(std::sync::OnceLock<DeliverFn>);
+
+type DeliverFn = Box<dyn Fn(&[Delivery]) + Send + Sync>;
+
+impl std::fmt::Debug for DeliveryHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryHook")
+            .field("set", &self.0.get().is_some())
+            .finish()
+    }
+}
+
+impl DeliveryHook {
+    /// Sets the hook (once; later calls are ignored).
+    pub fn set(&self, hook: impl Fn(&[Delivery]) + Send + Sync + 'static) {
+        let _ = self.0.set(Box::new(hook));
+    }
+
+    fn deliver(&self, answers: &[Answer]) {
+        let Some(deliver) = self.0.get() else { return };
+        for answer in answers {
+            if let Answer::Sequence(_, Ok(outcome)) = answer {
+                deliver(&outcome.deliveries);
+            }
+        }
+    }
+}
+
+/// Work for the writer thread.
+pub(crate) enum Job {
+    Sequence(
+        Box<SequenceRequest>,
+        oneshot::Sender<Result<SequenceOutcome, StoreError>>,
+    ),
+    Ack {
+        device: Uuid,
+        ids: Vec<u64>,
+        answer: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    /// Finish the jobs before this one, close the connection and stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// What one job produced inside the transaction.
+enum Done {
+    Sequence(Result<SequenceOutcome, StoreError>),
+    Ack(Result<u64, StoreError>),
+}
+
+/// A job's result with the channel it goes back on, once its batch is durable.
+pub(super) enum Answer {
+    Sequence(
+        oneshot::Sender<Result<SequenceOutcome, StoreError>>,
+        Result<SequenceOutcome, StoreError>,
+    ),
+    Ack(
+        oneshot::Sender<Result<u64, StoreError>>,
+        Result<u64, StoreError>,
+    ),
+}
+
+impl Answer {
+    fn send(self) {
+        match self {
+            Self::Sequence(channel, result) => {
+                let _ = channel.send(result);
+            }
+            Self::Ack(channel, result) => {
+                let _ = channel.send(result);
+            }
+        }
+    }
+
+    /// Answers with `err` instead of the result (the batch did not become durable).
+    fn fail(self, err: &StoreError) {
+        let failed = || StoreError::CommitFailed(err.to_string());
+        match self {
+            Self::Sequence(channel, _) => {
+                let _ = channel.send(Err(failed()));
+            }
+            Self::Ack(channel, _) => {
+                let _ = channel.send(Err(failed()));
+            }
+        }
+    }
+}
+
+/// The WAL file of the database at `path`.
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
+}
+
+/// Opens the writer's connection on an existing, migrated database and starts its thread
+/// and the durability thread. Returns the job queue and the durable mark.
+pub(crate) fn spawn(
+    path: &Path,
+    stats: Arc<BatchStats>,
+    hook: Arc<DeliveryHook>,
+    flush: durability::FlushFn,
+) -> Result<(mpsc::Sender<Job>, Arc<DurableMark>), StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Commits write the WAL without waiting for the disk; the durability thread flushes
+    // it before anything is answered (see `durability`).
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Checkpoint less often than SQLite's default of 1,000 pages: hot pages (indexes'
+    // right edges, mailbox counters) are then copied back to the database once per
+    // checkpoint instead of many times. The WAL stays bounded (about 40 MiB).
+    conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+    // Savepoints' statement journals in memory, not in temporary files.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // The pages a batch touches (index right edges, mailbox and group pages) stay cached
+    // instead of being read back from the WAL: 32 MiB instead of SQLite's 2 MiB.
+    conn.pragma_update(None, "cache_size", -32 * 1024)?;
+    conn.set_prepared_statement_cache_capacity(64);
+
+    // What a crash left in the WAL was replayed by whoever opened the database first, but
+    // may still be only in the page cache: flush it before any of it is sent.
+    let wal = wal_path(path);
+    if wal.exists() {
+        flush(&wal)
+            .map_err(|err| StoreError::CommitFailed(format!("flushing the WAL failed: {err}")))?;
+    }
+    let last: Option<i64> = conn
+        .query_row("SELECT MAX(seq) FROM mailbox", [], |row| row.get(0))
+        .optional()?
+        .flatten();
+    let mark = Arc::new(DurableMark::new(last.unwrap_or(0).max(0) as u64));
+
+    let (committed, to_publish) = std::sync::mpsc::sync_channel(64);
+    let (jobs, receiver) = mpsc::channel(4 * MAX_BATCH);
+    {
+        let mark = mark.clone();
+        let stats = stats.clone();
+        std::thread::Builder::new()
+            .name("sealpost-durable".into())
+            .spawn(move || durability::run(wal, flush, to_publish, mark, hook, stats))
+            .map_err(|_| StoreError::Invalid("cannot start the durability thread"))?;
+    }
+    std::thread::Builder::new()
+        .name("sealpost-writer".into())
+        .spawn(move || run(conn, receiver, &stats, &committed))
+        .map_err(|_| StoreError::Invalid("cannot start the writer thread"))?;
+    Ok((jobs, mark))
+}
+
+fn run(
+    mut conn: Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    stats: &BatchStats,
+    committed: &std::sync::mpsc::SyncSender<Committed>,
+) {
+    let mut cache = Cache::default();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = jobs.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let closing = batch
+            .iter()
+            .position(|job| matches!(job, Job::Close(_)))
+            .map(|at| batch.drain(at..).collect::<Vec<_>>());
+        if !batch.is_empty() {
+            let size = batch.len();
+            let published = commit_batch(&mut conn, &mut cache, std::mem::take(&mut batch));
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats.requests.fetch_add(size as u64, Ordering::Relaxed);
+            if let Some(observe) = stats.observer.get() {
+                observe(size);
+            }
+            if committed.send(published).is_err() {
+                // The durability thread is gone; callers see "the store is closed".
+                return;
+            }
+        }
+        if let Some(rest) = closing {
+            // Wait until everything before is published, then close the connection.
+            let (done, published) = std::sync::mpsc::sync_channel(1);
+            if committed.send(Committed::Close(done)).is_ok() {
+                let _ = published.recv();
+            }
+            drop(conn);
+            // Jobs after a Close are dropped: their callers see "the store is closed".
+            for job in rest {
+                if let Job::Close(answer) = job {
+                    let _ = answer.send(());
+                }
+            }
+            return;
+        }
+    }
+}
+
+/// Applies a batch in one transaction and commits it (without waiting for the disk).
+fn commit_batch(conn: &mut Connection, cache: &mut Cache, mut batch: Vec<Job>) -> Committed {
+    let outcome = apply(conn, cache, &mut batch);
+    let (results, wrote) = match outcome {
+        Ok(results) => (Ok(results), true),
+        Err(err) => {
+            cache.clear();
+            (Err(err), false)
+        }
+    };
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut last_position = None;
+    match results {
+        Ok(results) => {
+            for (job, done) in batch.into_iter().zip(results) {
+                match (job, done) {
+                    (Job::Sequence(_, channel), Done::Sequence(result)) => {
+                        if let Ok(outcome) = &result
+                            && let Some(last) =
+                                outcome.deliveries.iter().map(|d| d.mailbox_id).max()
+                        {
+                            last_position = Some(last_position.unwrap_or(0).max(last));
+                        }
+                        answers.push(Answer::Sequence(channel, result));
+                    }
+                    (Job::Ack { answer, .. }, Done::Ack(result)) => {
+                        answers.push(Answer::Ack(answer, result));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Err(err) => {
+            let failed = || StoreError::CommitFailed(err.to_string());
+            for job in batch {
+                match job {
+                    Job::Sequence(_, channel) => {
+                        answers.push(Answer::Sequence(channel, Err(failed())));
+                    }
+                    Job::Ack { answer, .. } => answers.push(Answer::Ack(answer, Err(failed()))),
+                    Job::Close(_) => {}
+                }
+            }
+        }
+    }
+    Committed::Batch {
+        answers,
+        last_position,
+        wrote,
+    }
+}
+
+/// Runs every job of the batch in one transaction. `Err` means the transaction failed as
+/// a whole: nothing of it was kept and every job gets the error.
+fn apply(
+    conn: &mut Connection,
+    cache: &mut Cache,
+    batch: &mut [Job],
+) -> Result<Vec<Done>, StoreError> {
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    cache.begin(&tx)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch.iter_mut() {
+        let done = match job {
+            // Application messages and acknowledgements check everything before their
+            // first write, so they refuse cleanly without a savepoint (a savepoint copies
+            // every page it touches into a statement journal: a page per index per
+            // message). An error after a write can only be the database failing; then
+            // the whole batch is rolled back and nobody is told "accepted".
+            Job::Sequence(request, _) if request.kind == EnvelopeKind::Application => {
+                match sequence::sequence(&tx, cache, request) {
+                    Err(err @ StoreError::Sqlite(_)) => return Err(err),
+                    result => Done::Sequence(result),
+                }
+            }
+            Job::Ack { device, ids, .. } => Done::Ack(Ok(sequence::ack(&tx, cache, *device, ids)?)),
+            // Handshake messages may be refused half-way (an unknown or duplicate added
+            // device): they run under a savepoint that a refusal rolls back, and the
+            // cache forgets what they changed.
+            Job::Sequence(request, _) => {
+                cache.start_undo();
+                let savepoint = tx.savepoint()?;
+                match sequence::sequence(&savepoint, cache, request) {
+                    Ok(outcome) => {
+                        savepoint.commit()?;
+                        cache.keep();
+                        Done::Sequence(Ok(outcome))
+                    }
+                    Err(err) => {
+                        // Dropping the savepoint rolls it back.
+                        drop(savepoint);
+                        cache.undo();
+                        Done::Sequence(Err(err))
+                    }
+                }
+            }
+            Job::Close(_) => continue,
+        };
+        results.push(done);
+    }
+    cache.flush(&tx)?;
+    tx.commit()?;
+    Ok(results)
+}

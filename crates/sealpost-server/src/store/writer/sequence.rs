@@ -1,0 +1,340 @@
+//! Sequencing and acknowledgements, inside the writer's transaction.
+//!
+//! Group state and mailbox sizes come from the writer's [`Cache`]; what is written here
+//! per message is only what must be: the message row (with its idempotency key) and one
+//! mailbox row per recipient. An acknowledgement deletes mailbox rows and drops the
+//! ciphertext of messages nobody waits for any more.
+
+use std::sync::Arc;
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+use sealpost_proto::api::{EnvelopeKind, SequencedResponse};
+use sha2::{Digest as _, Sha256};
+use uuid::Uuid;
+
+use super::cache::Cache;
+use crate::store::{Delivery, SequenceOutcome, SequenceRequest, StoreError, StoredMessage};
+
+/// Sequences one request (see `Store::sequence`). Application messages check everything
+/// before their first write, so a refusal leaves nothing behind; handshake messages may
+/// be refused half-way and run under a savepoint (see the caller).
+pub(super) fn sequence(
+    tx: &Connection,
+    cache: &mut Cache,
+    request: &mut SequenceRequest,
+) -> Result<SequenceOutcome, StoreError> {
+    let hash = Sha256::digest(&request.payload);
+    let Some(group) = cache.group(tx, &request.group_id)? else {
+        return Err(StoreError::GroupNotFound);
+    };
+    let (epoch, group_seq) = (group.epoch, group.next_seq);
+    let refusal = if !group.is_member(&request.sender_device) {
+        Some(StoreError::NotAMember)
+    } else if request.epoch != epoch as u64 {
+        Some(StoreError::EpochConflict {
+            current: epoch as u64,
+        })
+    } else {
+        None
+    };
+    let recipients: Vec<Uuid> = group
+        .members
+        .iter()
+        .copied()
+        .filter(|device| *device != request.sender_device)
+        .collect();
+    let refusal = match refusal {
+        None if request.kind == EnvelopeKind::Application => {
+            quota_refusal(tx, cache, &recipients, request.mailbox_quota)?
+        }
+        other => other,
+    };
+    if let Some(refusal) = refusal {
+        // A resend of a message accepted earlier (say, before the epoch moved on) gets
+        // the answer the first attempt got.
+        return match previous_answer(tx, request, &hash)? {
+            Some(response) => Ok(resend(response)),
+            None => Err(refusal),
+        };
+    }
+
+    let epoch_after = match request.kind {
+        EnvelopeKind::Commit => epoch + 1,
+        _ => epoch,
+    };
+    let Some(row) = insert_message(
+        tx,
+        request,
+        request.kind,
+        group_seq,
+        epoch_after,
+        &request.payload,
+        &hash,
+    )?
+    else {
+        // The message id is taken: a resend, or the same id for other content.
+        return match previous_answer(tx, request, &hash)? {
+            Some(response) => Ok(resend(response)),
+            None => Err(StoreError::Invalid(
+                "a message id conflicts with no message",
+            )),
+        };
+    };
+    let message = Arc::new(StoredMessage {
+        message_id: request.message_id,
+        group_id: request.group_id.clone(),
+        group_seq: group_seq as u64,
+        kind: request.kind,
+        server_time: request.now,
+        payload: std::mem::take(&mut request.payload),
+    });
+    let mut deliveries = Vec::with_capacity(recipients.len());
+    deliver(tx, cache, row, &message, &recipients, &mut deliveries)?;
+
+    let mut removed: Vec<Uuid> = Vec::new();
+    let mut added: Vec<Uuid> = Vec::new();
+    match request.kind {
+        EnvelopeKind::Commit => {
+            // A device that already left (proposal) is no longer on the delivery list;
+            // removing it again is a no-op.
+            remove_members(tx, &request.group_id, &request.removed_devices)?;
+            removed.extend_from_slice(&request.removed_devices);
+            if !request.added_devices.is_empty() {
+                let Some(welcome) = request.welcome.take() else {
+                    return Err(StoreError::Invalid("devices are added without a Welcome"));
+                };
+                add_members(tx, &request.group_id, &request.added_devices)?;
+                added.extend_from_slice(&request.added_devices);
+                let welcome_hash = Sha256::digest(&welcome);
+                let welcome_row = insert_message(
+                    tx,
+                    request,
+                    EnvelopeKind::Welcome,
+                    group_seq,
+                    epoch_after,
+                    &welcome,
+                    &welcome_hash,
+                )?
+                .ok_or(StoreError::DuplicateMessageId)?;
+                let welcome_message = Arc::new(StoredMessage {
+                    kind: EnvelopeKind::Welcome,
+                    payload: welcome,
+                    ..(*message).clone()
+                });
+                deliver(
+                    tx,
+                    cache,
+                    welcome_row,
+                    &welcome_message,
+                    &request.added_devices,
+                    &mut deliveries,
+                )?;
+            }
+        }
+        EnvelopeKind::Proposal => {
+            remove_members(tx, &request.group_id, &request.leaving_devices)?;
+            removed.extend_from_slice(&request.leaving_devices);
+        }
+        EnvelopeKind::Application | EnvelopeKind::Welcome => {}
+    }
+
+    cache.update_group(&request.group_id, |group| {
+        group.epoch = epoch_after;
+        group.next_seq = group_seq + 1;
+        if !removed.is_empty() {
+            group.members.retain(|device| !removed.contains(device));
+        }
+        if !added.is_empty() {
+            group.members.extend_from_slice(&added);
+            group.members.sort_unstable();
+            group.members.dedup();
+        }
+    });
+    Ok(SequenceOutcome {
+        response: SequencedResponse {
+            group_seq: group_seq as u64,
+            epoch: epoch_after as u64,
+        },
+        deliveries,
+    })
+}
+
+fn resend(response: SequencedResponse) -> SequenceOutcome {
+    SequenceOutcome {
+        response,
+        deliveries: Vec::new(),
+    }
+}
+
+/// `MailboxFull` when a recipient's mailbox holds `quota` envelopes or more.
+fn quota_refusal(
+    tx: &Connection,
+    cache: &mut Cache,
+    recipients: &[Uuid],
+    quota: u64,
+) -> Result<Option<StoreError>, StoreError> {
+    let quota = i64::try_from(quota).unwrap_or(i64::MAX);
+    for device in recipients {
+        if cache.mailbox_count(tx, *device)? >= quota {
+            return Ok(Some(StoreError::MailboxFull));
+        }
+    }
+    Ok(None)
+}
+
+/// Inserts a message row; `None` when its idempotency key (message id, group, kind) is
+/// taken already.
+fn insert_message(
+    tx: &Connection,
+    request: &SequenceRequest,
+    kind: EnvelopeKind,
+    group_seq: i64,
+    epoch_after: i64,
+    payload: &[u8],
+    hash: &[u8],
+) -> Result<Option<i64>, StoreError> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO messages (group_id, message_id, kind, group_seq, epoch_after, \
+             payload_hash, payload, server_time, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            request.group_id,
+            request.message_id.as_bytes().as_slice(),
+            kind.as_i64(),
+            group_seq,
+            epoch_after,
+            hash,
+            payload,
+            request.now,
+            request.expires_at,
+        ])?;
+    Ok((inserted == 1).then(|| tx.last_insert_rowid()))
+}
+
+/// Puts a message into each device's mailbox and records the deliveries.
+fn deliver(
+    tx: &Connection,
+    cache: &mut Cache,
+    row: i64,
+    message: &Arc<StoredMessage>,
+    devices: &[Uuid],
+    deliveries: &mut Vec<Delivery>,
+) -> Result<(), StoreError> {
+    let mut insert = tx.prepare_cached("INSERT INTO mailbox (device_id, message) VALUES (?, ?)")?;
+    for device in devices {
+        insert.execute(params![device.as_bytes().as_slice(), row])?;
+        deliveries.push(Delivery {
+            device: *device,
+            mailbox_id: tx.last_insert_rowid() as u64,
+            message: message.clone(),
+        });
+        cache.add_to_count(tx, *device, 1)?;
+    }
+    Ok(())
+}
+
+fn remove_members(tx: &Connection, group_id: &str, devices: &[Uuid]) -> Result<(), StoreError> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let mut remove =
+        tx.prepare_cached("DELETE FROM group_members WHERE group_id = ? AND device_id = ?")?;
+    for device in devices {
+        remove.execute(params![group_id, device.as_bytes().as_slice()])?;
+    }
+    Ok(())
+}
+
+fn add_members(tx: &Connection, group_id: &str, devices: &[Uuid]) -> Result<(), StoreError> {
+    let mut known = tx.prepare_cached("SELECT 1 FROM devices WHERE device_id = ?")?;
+    let mut add =
+        tx.prepare_cached("INSERT INTO group_members (group_id, device_id) VALUES (?, ?)")?;
+    for device in devices {
+        if !known.exists([device.as_bytes().as_slice()])? {
+            return Err(StoreError::UnknownDevice(*device));
+        }
+        match add.execute(params![group_id, device.as_bytes().as_slice()]) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                    || e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+            {
+                return Err(StoreError::Invalid("an added device is already a member"));
+            }
+            other => other?,
+        };
+    }
+    Ok(())
+}
+
+/// The answer a message id already got, if it was sequenced before. The same id with a
+/// different payload is refused.
+fn previous_answer(
+    tx: &Connection,
+    request: &SequenceRequest,
+    hash: &[u8],
+) -> Result<Option<SequencedResponse>, StoreError> {
+    let previous = tx
+        .prepare_cached(
+            "SELECT group_seq, epoch_after, payload_hash FROM messages \
+             WHERE message_id = ? AND group_id = ? AND kind = ?",
+        )?
+        .query_row(
+            params![
+                request.message_id.as_bytes().as_slice(),
+                request.group_id,
+                request.kind.as_i64()
+            ],
+            |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((group_seq, epoch, stored_hash)) = previous else {
+        return Ok(None);
+    };
+    if stored_hash != hash {
+        return Err(StoreError::DuplicateMessageId);
+    }
+    Ok(Some(SequencedResponse {
+        group_seq: group_seq as u64,
+        epoch: epoch as u64,
+    }))
+}
+
+/// Deletes acknowledged envelopes of `device`; a message whose every recipient has it
+/// loses its ciphertext (the row stays until it expires, for idempotency).
+pub(super) fn ack(
+    tx: &Connection,
+    cache: &mut Cache,
+    device: Uuid,
+    ids: &[u64],
+) -> Result<u64, StoreError> {
+    let mut delete =
+        tx.prepare_cached("DELETE FROM mailbox WHERE seq = ? AND device_id = ? RETURNING message")?;
+    let mut forget = tx.prepare_cached(
+        "UPDATE messages SET payload = NULL WHERE id = ?1 \
+         AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message = ?1)",
+    )?;
+    let mut removed = 0;
+    for id in ids {
+        let Ok(seq) = i64::try_from(*id) else {
+            continue;
+        };
+        let message: Option<i64> = delete
+            .query_row(params![seq, device.as_bytes().as_slice()], |row| row.get(0))
+            .optional()?;
+        let Some(message) = message else { continue };
+        removed += 1;
+        forget.execute([message])?;
+    }
+    if removed > 0 {
+        cache.add_to_count(tx, device, -removed)?;
+    }
+    Ok(removed as u64)
+}
