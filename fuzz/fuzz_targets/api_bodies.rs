@@ -1,4 +1,5 @@
-//! Every JSON request body the server accepts: decoding arbitrary bytes must never panic.
+//! Every request body the server accepts (JSON bodies, binary push-mode frames): decoding
+//! arbitrary bytes must never panic, and a frame that decodes encodes back to the same bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -21,6 +22,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<CompleteLinkRequest>(data);
     let _ = serde_json::from_slice::<LinkResultRequest>(data);
     let _ = serde_json::from_slice::<EpochRange>(data);
+    if let Ok(frame) = sealpost_proto::ws::ClientFrame::decode(data) {
+        assert_eq!(frame.encode().ok().as_deref(), Some(data));
+    }
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = is_valid_group_id(text);
         let _ = is_valid_link_id(text);

@@ -523,9 +523,11 @@ impl PushSender {
     /// Queues a frame without flushing; call [`PushSender::flush`] after a burst.
     pub async fn feed(&mut self, frame: &ClientFrame) -> Result<(), CoreError> {
         use futures_util::SinkExt as _;
-        let text = serde_json::to_string(frame).map_err(|e| CoreError::Codec(e.to_string()))?;
+        let bytes = frame
+            .encode()
+            .map_err(|e| CoreError::Codec(e.to_string()))?;
         self.sink
-            .feed(WsMessage::Text(text.into()))
+            .feed(WsMessage::Binary(bytes.into()))
             .await
             .map_err(socket_lost)
     }
@@ -555,8 +557,8 @@ impl PushReceiver {
         loop {
             match self.stream.next().await {
                 None | Some(Ok(WsMessage::Close(_))) => return Ok(None),
-                Some(Ok(WsMessage::Text(text))) => {
-                    return serde_json::from_str(text.as_str())
+                Some(Ok(WsMessage::Binary(bytes))) => {
+                    return ServerFrame::decode(&bytes)
                         .map(Some)
                         .map_err(|e| CoreError::Codec(format!("bad server frame: {e}")));
                 }

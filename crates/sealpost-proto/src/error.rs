@@ -148,6 +148,17 @@ impl ErrorCode {
     }
 }
 
+impl ErrorCode {
+    /// The code for its wire form ([`ErrorCode::as_str`]); `None` for a code this version
+    /// does not know.
+    pub fn from_wire(code: &str) -> Option<Self> {
+        use serde::de::IntoDeserializer as _;
+        let deserializer: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+            code.into_deserializer();
+        Self::deserialize(deserializer).ok()
+    }
+}
+
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -226,6 +237,7 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", code.as_str()));
             let back: ErrorCode = serde_json::from_str(&json).unwrap();
             assert_eq!(back, code);
+            assert_eq!(ErrorCode::from_wire(code.as_str()), Some(code));
             assert!((400..600).contains(&code.http_status()));
         }
     }

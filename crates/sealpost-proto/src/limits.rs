@@ -37,9 +37,10 @@ pub const DEVICES_PER_COMMIT: usize = 2_000;
 pub const MAILBOX_FETCH_MAX: usize = 500;
 /// Envelope ids in one acknowledgement.
 pub const ACK_MAX_IDS: usize = 1_000;
-/// One inbound WebSocket frame: room for an application message, base64-inflated, and
-/// its JSON framing, or an acknowledgement of [`ACK_MAX_IDS`] ids.
-pub const WS_INBOUND_FRAME_MAX_BYTES: usize = APPLICATION_MESSAGE_MAX_BYTES * 4 / 3 + 4 * 1024;
+/// One inbound push-mode WebSocket frame (binary, see [`crate::ws`]): room for an
+/// application message and its fields (at most 288 bytes), or an acknowledgement of
+/// [`ACK_MAX_IDS`] ids (8 bytes each).
+pub const WS_INBOUND_FRAME_MAX_BYTES: usize = APPLICATION_MESSAGE_MAX_BYTES + 1024;
 /// Application messages one push-mode socket may have waiting to be sequenced; the server
 /// stops reading the socket until answers are out.
 pub const WS_SENDS_IN_FLIGHT: usize = 256;

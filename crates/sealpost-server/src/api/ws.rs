@@ -36,9 +36,12 @@ use sealpost_proto::ErrorBody;
 
 /// Inbound frames on a wake-mode socket are tiny.
 const WAKE_INBOUND_MAX: usize = 4 * 1024;
-/// Socket buffers: small, because most sockets are idle (memory per connection).
+/// Read buffer: small, because most sockets are idle (memory per connection).
 const READ_BUFFER: usize = 1024;
-const WRITE_BUFFER: usize = 0;
+/// Frames are written when the session flushes (once per turn, see `PushSession::serve`)
+/// or when this much is buffered. The buffer is allocated on first use, so an idle socket
+/// that never sent anything holds none of it.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -125,6 +128,24 @@ fn json_frame<T: serde::Serialize>(value: &T) -> Message {
     Message::Text(serde_json::to_string(value).unwrap_or_default().into())
 }
 
+/// A push-mode frame as a binary WebSocket message.
+fn push_frame(frame: &ServerFrame) -> Message {
+    match frame.encode() {
+        Ok(bytes) => Message::Binary(bytes.into()),
+        // Only a field over its length prefix fails, and the server makes none (group ids
+        // are 32 characters, payloads are capped far below 4 GiB).
+        Err(err) => {
+            let error = ApiError::internal(&format_args!("cannot encode a frame: {err}")).detail();
+            Message::Binary(
+                ServerFrame::Error { error }
+                    .encode()
+                    .unwrap_or_default()
+                    .into(),
+            )
+        }
+    }
+}
+
 async fn run_wake(mut socket: WebSocket, state: &AppState, device: Uuid) {
     let mut wakeups = state.notifier.subscribe(device);
     let event = || json_frame(&ServerEvent::MailboxReady);
@@ -188,6 +209,10 @@ async fn run_push(socket: WebSocket, state: &AppState, device: DeviceRecord) {
 }
 
 impl PushSession<'_> {
+    /// Serves the socket until it closes. Each turn waits for one thing to do (an answer
+    /// ready, an envelope pushed, a frame from the client), then also does everything
+    /// else that is ready at once, and flushes once: frames produced together leave in one
+    /// write, which on a busy socket is most of what the kernel charges per message.
     async fn serve(
         &mut self,
         subscription: &mut PushSubscription,
@@ -201,34 +226,66 @@ impl PushSession<'_> {
                     return Ok(());
                 }
                 Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
-                    self.feed(json_frame(&answer)).await?;
-                    // Send every answer that is ready in one flush.
-                    while let Some(Some(answer)) = in_flight.next().now_or_never() {
-                        self.feed(json_frame(&answer)).await?;
-                    }
-                    self.flush().await?;
+                    self.feed(push_frame(&answer)).await?;
                 }
                 push = subscription.queue.recv() => {
                     let Some(first) = push else { return Ok(()) };
                     self.forward(first, subscription).await?;
                 }
                 inbound = self.socket.recv(), if in_flight.len() < limits::WS_SENDS_IN_FLIGHT => {
-                    match inbound {
-                        Some(Ok(Message::Text(text))) => {
-                            let answer = handle(self.state, &self.device, text.as_str()).await;
-                            in_flight.push_back(answer);
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            let error = ApiError::bad_request("frames are JSON text").detail();
-                            self.socket.send(json_frame(&ServerFrame::Error { error })).await
-                                .map_err(|_| End::Closed)?;
-                        }
-                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(()),
-                        Some(Ok(_)) => {}
+                    if !self.inbound(inbound, in_flight).await? {
+                        return Ok(());
                     }
                 }
             }
+            // Whatever else is ready now goes into the same write.
+            loop {
+                let mut busy = false;
+                while let Some(Some(answer)) = in_flight.next().now_or_never() {
+                    self.feed(push_frame(&answer)).await?;
+                    busy = true;
+                }
+                if let Ok(push) = subscription.queue.try_recv() {
+                    self.forward(push, subscription).await?;
+                    busy = true;
+                }
+                if in_flight.len() < limits::WS_SENDS_IN_FLIGHT
+                    && let Some(inbound) = self.socket.recv().now_or_never()
+                {
+                    if !self.inbound(inbound, in_flight).await? {
+                        return Ok(());
+                    }
+                    busy = true;
+                }
+                if !busy {
+                    break;
+                }
+            }
+            self.flush().await?;
         }
+    }
+
+    /// Takes one inbound message; `false` when the peer closed the socket.
+    async fn inbound(
+        &mut self,
+        inbound: Option<Result<Message, axum::Error>>,
+        in_flight: &mut FuturesOrdered<Pending>,
+    ) -> Result<bool, End> {
+        match inbound {
+            Some(Ok(Message::Binary(bytes))) => {
+                let answer = handle(self.state, &self.device, &bytes).await;
+                in_flight.push_back(answer);
+            }
+            Some(Ok(Message::Text(_))) => {
+                let error =
+                    ApiError::bad_request("push-mode frames are binary (see sealpost_proto::ws)")
+                        .detail();
+                self.feed(push_frame(&ServerFrame::Error { error })).await?;
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(false),
+            Some(Ok(_)) => {}
+        }
+        Ok(true)
     }
 
     /// Sends a pushed entry and every other one already queued, in frames of
@@ -262,7 +319,7 @@ impl PushSession<'_> {
             }
             next = subscription.queue.try_recv().ok();
         }
-        self.send_envelopes(envelopes, true).await
+        self.send_envelopes(envelopes, false).await
     }
 
     async fn feed(&mut self, message: Message) -> Result<(), End> {
@@ -281,7 +338,7 @@ impl PushSession<'_> {
     ) -> Result<(), End> {
         if !envelopes.is_empty() {
             super::mailbox::outgoing(self.state, self.device.device_id, &mut envelopes);
-            self.feed(json_frame(&ServerFrame::Envelopes { envelopes }))
+            self.feed(push_frame(&ServerFrame::Envelopes { envelopes }))
                 .await?;
         }
         if flush { self.flush().await } else { Ok(()) }
@@ -305,7 +362,7 @@ impl PushSession<'_> {
                     let error = ApiError::from(err).detail();
                     let _ = self
                         .socket
-                        .send(json_frame(&ServerFrame::Error { error }))
+                        .send(push_frame(&ServerFrame::Error { error }))
                         .await;
                     return Err(End::Closed);
                 }
@@ -323,9 +380,9 @@ impl PushSession<'_> {
 
 /// Turns one client frame into the future of its answer. A send is queued for
 /// sequencing before this returns, so a socket's sends keep their order.
-async fn handle(state: &AppState, device: &DeviceRecord, text: &str) -> Pending {
+async fn handle(state: &AppState, device: &DeviceRecord, bytes: &[u8]) -> Pending {
     let state = state.clone();
-    let frame = match serde_json::from_str::<ClientFrame>(text) {
+    let frame = match ClientFrame::decode(bytes) {
         Ok(frame) => frame,
         Err(err) => {
             let error = ApiError::bad_request(format!("invalid frame: {err}")).detail();
