@@ -338,6 +338,11 @@ fn print_relay(results: &[RelayResult]) {
                 format!("{:.2}", r.latency.p99_ms),
                 format!("{:.2}", r.latency.p999_ms),
                 format!("{}/{}", r.decrypted_sample, r.decrypt_failures),
+                format!(
+                    "{:.0}",
+                    r.writer.requests as f64 / r.writer.transactions.max(1) as f64
+                ),
+                thousands(r.writer.wal_flushes as f64 / r.wall_seconds.max(1e-9)),
             ]
         })
         .collect();
@@ -356,6 +361,8 @@ fn print_relay(results: &[RelayResult]) {
             "p99 ms",
             "p99.9 ms",
             "decrypted/failed",
+            "requests/tx",
+            "flushes/s",
         ],
         &rows,
     );

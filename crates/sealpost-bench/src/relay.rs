@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::population::{Pair, Prepared, prepare, progress};
 use crate::report::Percentiles;
-use crate::server::{ServerProcess, own_cpu_seconds};
+use crate::server::{ServerProcess, WriterCounters, own_cpu_seconds};
 
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
@@ -63,6 +63,9 @@ pub struct RelayResult {
     pub generator_cpu_us_per_message: f64,
     pub latency: Percentiles,
     pub server_rss_bytes: u64,
+    /// The server's writer during the timed part: transactions, the requests (sends and
+    /// acknowledgements) they carried, and the WAL flushes that made them durable.
+    pub writer: WriterCounters,
 }
 
 /// Where each prepared message came from, and when it was written to the socket.
@@ -139,6 +142,7 @@ pub async fn run(
         .map(|rate| Duration::from_secs_f64(pairs.len() as f64 / rate.max(1.0)));
 
     progress("timed part");
+    let writer_before = server.writer_counters().await?;
     let server_cpu_before = server.cpu_seconds()?;
     let own_cpu_before = own_cpu_seconds()?;
     let start = Instant::now();
@@ -175,6 +179,7 @@ pub async fn run(
     let server_cpu = server.cpu_seconds()? - server_cpu_before;
     let own_cpu = own_cpu_seconds()? - own_cpu_before;
     let server_rss_bytes = server.rss_bytes()?;
+    let writer = server.writer_counters().await?.since(writer_before);
 
     let mut latencies = Vec::with_capacity(total);
     let (mut delivered, mut duplicates) = (0, 0);
@@ -233,6 +238,7 @@ pub async fn run(
         generator_cpu_us_per_message: per_message(own_cpu),
         latency: Percentiles::of(&mut latencies),
         server_rss_bytes,
+        writer,
     })
 }
 

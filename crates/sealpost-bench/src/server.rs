@@ -121,6 +121,29 @@ impl ServerProcess {
         cpu_seconds_of(&format!("/proc/{}/stat", self.pid()))
     }
 
+    /// The group-commit writer's counters, from the server's `/metrics`.
+    pub async fn writer_counters(&self) -> anyhow::Result<WriterCounters> {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let value = |name: &str| -> anyhow::Result<u64> {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .with_context(|| format!("no {name} in /metrics"))?
+                .trim()
+                .parse::<f64>()
+                .map(|v| v as u64)
+                .with_context(|| format!("malformed {name} in /metrics"))
+        };
+        Ok(WriterCounters {
+            transactions: value("sealpost_write_batches_total")?,
+            requests: value("sealpost_batched_requests_total")?,
+            wal_flushes: value("sealpost_wal_flushes_total")?,
+        })
+    }
+
     /// Resident memory of the server, in bytes.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         rss_of(Path::new(&format!("/proc/{}/status", self.pid())))
@@ -131,6 +154,28 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// What the server's group-commit writer did (cumulative).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct WriterCounters {
+    /// Write transactions.
+    pub transactions: u64,
+    /// Requests (sends and acknowledgements) they carried.
+    pub requests: u64,
+    /// WAL flushes that made them durable.
+    pub wal_flushes: u64,
+}
+
+impl WriterCounters {
+    /// The work done since `before`.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            transactions: self.transactions.saturating_sub(before.transactions),
+            requests: self.requests.saturating_sub(before.requests),
+            wal_flushes: self.wal_flushes.saturating_sub(before.wal_flushes),
+        }
     }
 }
 
