@@ -123,6 +123,10 @@ impl SqliteStore {
     }
 }
 
+/// Messages one expiry run looks at (and deletes at most), so that it holds the write
+/// lock briefly; the next run, a minute later, goes on.
+const EXPIRE_MAX_MESSAGES: i64 = 100_000;
+
 const DEVICES_OF_USER: &str = "SELECT device_id, username, signature_key, certificate, \
      created_day, name_sealed FROM devices WHERE username = ? ORDER BY created_day, device_id";
 const DEVICE_BY_ID: &str = "SELECT device_id, username, signature_key, certificate, \
@@ -240,25 +244,30 @@ async fn delete_device(conn: &mut SqliteConnection, device_id: Uuid) -> Result<(
     if let Some(owner) = owner {
         mark_kt_pending(conn, &owner).await?;
     }
+    // The device's envelopes go, and each is counted off its message (the last
+    // recipient to go drops the ciphertext).
+    let messages: Vec<i64> =
+        sqlx::query_scalar("DELETE FROM mailbox WHERE device_id = ? RETURNING message")
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?;
+    for message in messages {
+        sqlx::query(super::writer::FORGET_ONE_RECIPIENT)
+            .bind(message)
+            .execute(&mut *conn)
+            .await?;
+    }
     for statement in [
         "DELETE FROM tokens WHERE device_id = ?",
         "DELETE FROM login_challenges WHERE device_id = ?",
         "DELETE FROM key_packages WHERE device_id = ?",
         "DELETE FROM group_members WHERE device_id = ?",
-        "DELETE FROM mailbox WHERE device_id = ?",
         "DELETE FROM mailbox_counts WHERE device_id = ?",
         "DELETE FROM links WHERE owner_device = ?",
         "DELETE FROM devices WHERE device_id = ?",
     ] {
         sqlx::query(statement).bind(id).execute(&mut *conn).await?;
     }
-    // Ciphertext nobody is waiting for any more is dropped now, not at expiry.
-    sqlx::query(
-        "UPDATE messages SET payload = NULL WHERE payload IS NOT NULL \
-         AND NOT EXISTS (SELECT 1 FROM mailbox WHERE mailbox.message = messages.id)",
-    )
-    .execute(&mut *conn)
-    .await?;
     Ok(())
 }
 
@@ -896,7 +905,7 @@ impl Store for SqliteStore {
     }
 
     async fn mailbox_depth(&self) -> Result<u64, StoreError> {
-        let depth: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox")
+        let depth: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(n), 0) FROM mailbox_counts")
             .fetch_one(&self.reader)
             .await?;
         Ok(depth.max(0) as u64)
@@ -904,13 +913,32 @@ impl Store for SqliteStore {
 
     async fn expire(&self, now: i64) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
-        let emptied: Vec<Vec<u8>> = sqlx::query_scalar(
-            "DELETE FROM mailbox WHERE message IN (SELECT id FROM messages WHERE expires_at < ?) \
-             RETURNING device_id",
+        // A message's envelopes are the mailbox rows at its consecutive positions.
+        let expired = sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT id, first_seq, last_seq FROM messages WHERE expires_at < ? LIMIT ?",
         )
         .bind(now)
+        .bind(EXPIRE_MAX_MESSAGES)
         .fetch_all(&mut *tx)
         .await?;
+        let mut emptied: Vec<Vec<u8>> = Vec::new();
+        for (id, first_seq, last_seq) in expired {
+            if first_seq <= last_seq {
+                emptied.extend(
+                    sqlx::query_scalar::<_, Vec<u8>>(
+                        "DELETE FROM mailbox WHERE seq BETWEEN ? AND ? RETURNING device_id",
+                    )
+                    .bind(first_seq)
+                    .bind(last_seq)
+                    .fetch_all(&mut *tx)
+                    .await?,
+                );
+            }
+            sqlx::query("DELETE FROM messages WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let mailbox = emptied.len() as u64;
         let mut devices = emptied;
         devices.sort_unstable();
@@ -924,10 +952,6 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("DELETE FROM messages WHERE expires_at < ?")
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
         sqlx::query("DELETE FROM login_challenges WHERE expires_at < ?")
             .bind(now)
             .execute(&mut *tx)
@@ -1281,6 +1305,113 @@ mod tests {
         assert_eq!(message.recipients(), vec![b]);
         let state = store.group(&group).await.unwrap().unwrap();
         assert_eq!((state.epoch, state.members.len()), (1, 2));
+        store.close().await;
+    }
+
+    /// A database written by the schema of migration 5 (mailbox with AUTOINCREMENT,
+    /// payloads dropped by a NOT EXISTS probe) opens on today's schema with nothing lost.
+    #[tokio::test]
+    async fn a_version_5_database_upgrades_without_losing_mail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .unwrap()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap();
+        MIGRATIONS.run_to(5, &pool).await.unwrap();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let group = "0f".repeat(16);
+        let (a_id, b_id) = (a.as_bytes().as_slice(), b.as_bytes().as_slice());
+        sqlx::query("INSERT INTO accounts VALUES ('alice', x'01', 1, 1), ('bobby', x'02', 1, 1)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO devices (device_id, username, signature_key, certificate, created_day) \
+             VALUES (?, 'alice', x'01', x'01', 1), (?, 'bobby', x'02', x'02', 1)",
+        )
+        .bind(a_id)
+        .bind(b_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO groups VALUES (?, 1, 4)")
+            .bind(&group)
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO group_members VALUES (?1, ?2), (?1, ?3)")
+            .bind(&group)
+            .bind(a_id)
+            .bind(b_id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        // A Welcome, then two messages; b acknowledged the third (the old way).
+        for (kind, seq, payload) in [(2, 1, Some(0xaa)), (4, 2, Some(0xbb)), (4, 3, None)] {
+            sqlx::query(
+                "INSERT INTO messages (group_id, message_id, kind, group_seq, epoch_after, \
+                 payload_hash, payload, server_time, expires_at) \
+                 VALUES (?, ?, ?, ?, 1, x'00', ?, 10, 1000)",
+            )
+            .bind(&group)
+            .bind(Uuid::new_v4().as_bytes().as_slice())
+            .bind(kind)
+            .bind(seq)
+            .bind(payload.map(|p: u8| vec![p]))
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO mailbox (device_id, message) VALUES (?, ?)")
+                .bind(b_id)
+                .bind(seq)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::query("DELETE FROM mailbox WHERE seq = 3")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let (mail, _) = store.fetch_mailbox(b, 10).await.unwrap();
+        assert_eq!(
+            mail.iter()
+                .map(|e| (e.id, e.payload.as_ref().to_vec()))
+                .collect::<Vec<_>>(),
+            vec![(1, vec![0xaa]), (2, vec![0xbb])]
+        );
+        assert_eq!(store.ack(b, &[1]).await.unwrap(), 1);
+        let payload: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT payload FROM messages WHERE group_seq = 1")
+                .fetch_one(&store.reader)
+                .await
+                .unwrap();
+        assert_eq!(payload, None, "the last recipient acknowledged the Welcome");
+        // Position 3 was handed out before the upgrade: it is never used again.
+        let mut next = request(&group, a, EnvelopeKind::Application, 1);
+        next.mailbox_quota = 2;
+        let outcome = store.sequence(next).await.unwrap();
+        assert_eq!(outcome.deliveries[0].mailbox_id, 4);
+        assert_eq!(outcome.response.group_seq, 4);
+        // b holds 2 and 4: the quota of 2 is reached.
+        let mut full = request(&group, a, EnvelopeKind::Application, 1);
+        full.mailbox_quota = 2;
+        assert!(matches!(
+            store.sequence(full).await,
+            Err(StoreError::MailboxFull)
+        ));
+        assert_eq!(store.expire(NOW + 101).await.unwrap(), 2);
+        assert!(store.fetch_mailbox(b, 10).await.unwrap().0.is_empty());
         store.close().await;
     }
 }

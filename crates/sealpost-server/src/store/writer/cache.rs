@@ -1,5 +1,6 @@
 //! What the writer thread keeps in memory between statements: each group's epoch, next
-//! sequence number and member devices, and each device's mailbox size.
+//! sequence number and member devices, each device's mailbox size, and the last mailbox
+//! position handed out.
 //!
 //! Reading these from the database cost four statements per message (group row, members,
 //! quota join, and the mailbox counter a trigger kept), and writing the group row and the
@@ -55,6 +56,7 @@ struct Slot<T> {
 enum Undo {
     Group(String, Option<Slot<Group>>),
     Count(Uuid, Option<Slot<i64>>),
+    MailboxSeq(Option<Slot<i64>>),
 }
 
 #[derive(Default)]
@@ -62,6 +64,8 @@ pub(super) struct Cache {
     data_version: Option<i64>,
     groups: HashMap<String, Slot<Group>>,
     counts: HashMap<Uuid, Slot<i64>>,
+    /// The last mailbox position handed out (`counters.mailbox_seq`).
+    mailbox_seq: Option<Slot<i64>>,
     cached_members: usize,
     dirty_groups: Vec<String>,
     dirty_counts: Vec<Uuid>,
@@ -91,6 +95,7 @@ impl Cache {
         self.data_version = None;
         self.groups.clear();
         self.counts.clear();
+        self.mailbox_seq = None;
         self.cached_members = 0;
         self.dirty_groups.clear();
         self.dirty_counts.clear();
@@ -218,6 +223,42 @@ impl Cache {
         Ok(())
     }
 
+    /// Hands out the next `n` mailbox positions; returns the first. Positions are never
+    /// reused: clients acknowledge by them.
+    pub fn take_mailbox_positions(
+        &mut self,
+        conn: &Connection,
+        n: usize,
+    ) -> Result<i64, StoreError> {
+        if self.mailbox_seq.is_none() {
+            let stored: i64 = conn
+                .prepare_cached("SELECT value FROM counters WHERE name = 'mailbox_seq'")?
+                .query_row([], |row| row.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let highest: i64 = conn
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM mailbox")?
+                .query_row([], |row| row.get(0))?;
+            self.mailbox_seq = Some(Slot {
+                value: stored.max(highest),
+                dirty: false,
+            });
+        }
+        if let Some(undo) = &mut self.undo
+            && !undo.iter().any(|u| matches!(u, Undo::MailboxSeq(_)))
+        {
+            undo.push(Undo::MailboxSeq(self.mailbox_seq.clone()));
+        }
+        let slot = self.mailbox_seq.get_or_insert(Slot {
+            value: 0,
+            dirty: false,
+        });
+        let first = slot.value + 1;
+        slot.value += n as i64;
+        slot.dirty |= n > 0;
+        Ok(first)
+    }
+
     /// Starts recording what the next job changes (it runs under a savepoint).
     pub fn start_undo(&mut self) {
         self.undo = Some(Vec::new());
@@ -255,6 +296,7 @@ impl Cache {
                 Undo::Count(device, None) => {
                     self.counts.remove(&device);
                 }
+                Undo::MailboxSeq(slot) => self.mailbox_seq = slot,
             }
         }
     }
@@ -272,6 +314,16 @@ impl Cache {
                     slot.dirty = false;
                 }
             }
+        }
+        if let Some(slot) = &mut self.mailbox_seq
+            && slot.dirty
+        {
+            conn.prepare_cached(
+                "INSERT INTO counters (name, value) VALUES ('mailbox_seq', ?) \
+                 ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            )?
+            .execute([slot.value])?;
+            slot.dirty = false;
         }
         if !self.dirty_counts.is_empty() {
             let mut upsert = conn.prepare_cached(

@@ -30,6 +30,8 @@ use sealpost_proto::api::EnvelopeKind;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+pub(crate) use self::sequence::FORGET_ONE_RECIPIENT;
+
 use self::cache::Cache;
 use self::durability::{Committed, DurableMark};
 use super::{Delivery, SequenceOutcome, SequenceRequest, StoreError};

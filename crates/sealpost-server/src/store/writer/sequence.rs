@@ -1,9 +1,11 @@
 //! Sequencing and acknowledgements, inside the writer's transaction.
 //!
-//! Group state and mailbox sizes come from the writer's [`Cache`]; what is written here
-//! per message is only what must be: the message row (with its idempotency key) and one
-//! mailbox row per recipient. An acknowledgement deletes mailbox rows and drops the
-//! ciphertext of messages nobody waits for any more.
+//! Group state, mailbox sizes and the mailbox position counter come from the writer's
+//! [`Cache`]; what is written here per message is only what must be: the message row
+//! (with its idempotency key, the number of recipients still to acknowledge it and the
+//! consecutive mailbox positions its envelopes took) and one mailbox row per recipient. An acknowledgement
+//! deletes mailbox rows and counts them off their messages; the one that takes a message
+//! to zero drops its ciphertext.
 
 use std::sync::Arc;
 
@@ -62,6 +64,7 @@ pub(super) fn sequence(
         EnvelopeKind::Commit => epoch + 1,
         _ => epoch,
     };
+    let first_position = cache.take_mailbox_positions(tx, recipients.len())?;
     let Some(row) = insert_message(
         tx,
         request,
@@ -70,6 +73,8 @@ pub(super) fn sequence(
         epoch_after,
         &request.payload,
         &hash,
+        recipients.len(),
+        first_position,
     )?
     else {
         // The message id is taken: a resend, or the same id for other content.
@@ -89,7 +94,15 @@ pub(super) fn sequence(
         payload: std::mem::take(&mut request.payload),
     });
     let mut deliveries = Vec::with_capacity(recipients.len());
-    deliver(tx, cache, row, &message, &recipients, &mut deliveries)?;
+    deliver(
+        tx,
+        cache,
+        row,
+        &message,
+        &recipients,
+        first_position,
+        &mut deliveries,
+    )?;
 
     let mut removed: Vec<Uuid> = Vec::new();
     let mut added: Vec<Uuid> = Vec::new();
@@ -106,6 +119,8 @@ pub(super) fn sequence(
                 add_members(tx, &request.group_id, &request.added_devices)?;
                 added.extend_from_slice(&request.added_devices);
                 let welcome_hash = Sha256::digest(&welcome);
+                let welcome_position =
+                    cache.take_mailbox_positions(tx, request.added_devices.len())?;
                 let welcome_row = insert_message(
                     tx,
                     request,
@@ -114,6 +129,8 @@ pub(super) fn sequence(
                     epoch_after,
                     &welcome,
                     &welcome_hash,
+                    request.added_devices.len(),
+                    welcome_position,
                 )?
                 .ok_or(StoreError::DuplicateMessageId)?;
                 let welcome_message = Arc::new(StoredMessage {
@@ -127,6 +144,7 @@ pub(super) fn sequence(
                     welcome_row,
                     &welcome_message,
                     &request.added_devices,
+                    welcome_position,
                     &mut deliveries,
                 )?;
             }
@@ -182,8 +200,10 @@ fn quota_refusal(
     Ok(None)
 }
 
-/// Inserts a message row; `None` when its idempotency key (message id, group, kind) is
-/// taken already.
+/// Inserts a message row for `recipients` envelopes at the mailbox positions from
+/// `first_position`; `None` when its idempotency key (message id, group, kind) is taken
+/// already.
+#[allow(clippy::too_many_arguments)]
 fn insert_message(
     tx: &Connection,
     request: &SequenceRequest,
@@ -192,12 +212,16 @@ fn insert_message(
     epoch_after: i64,
     payload: &[u8],
     hash: &[u8],
+    recipients: usize,
+    first_position: i64,
 ) -> Result<Option<i64>, StoreError> {
+    // A message nobody else receives keeps no ciphertext.
+    let payload = (recipients > 0).then_some(payload);
     let inserted = tx
         .prepare_cached(
             "INSERT INTO messages (group_id, message_id, kind, group_seq, epoch_after, \
-             payload_hash, payload, server_time, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT DO NOTHING",
+             payload_hash, payload, pending, first_seq, last_seq, server_time, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )?
         .execute(params![
             request.group_id,
@@ -207,27 +231,33 @@ fn insert_message(
             epoch_after,
             hash,
             payload,
+            recipients as i64,
+            first_position,
+            first_position + recipients as i64 - 1,
             request.now,
             request.expires_at,
         ])?;
     Ok((inserted == 1).then(|| tx.last_insert_rowid()))
 }
 
-/// Puts a message into each device's mailbox and records the deliveries.
+/// Puts a message into each device's mailbox, at the positions from `first_position`,
+/// and records the deliveries.
 fn deliver(
     tx: &Connection,
     cache: &mut Cache,
     row: i64,
     message: &Arc<StoredMessage>,
     devices: &[Uuid],
+    first_position: i64,
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
-    let mut insert = tx.prepare_cached("INSERT INTO mailbox (device_id, message) VALUES (?, ?)")?;
-    for device in devices {
-        insert.execute(params![device.as_bytes().as_slice(), row])?;
+    let mut insert =
+        tx.prepare_cached("INSERT INTO mailbox (seq, device_id, message) VALUES (?, ?, ?)")?;
+    for (position, device) in (first_position..).zip(devices) {
+        insert.execute(params![position, device.as_bytes().as_slice(), row])?;
         deliveries.push(Delivery {
             device: *device,
-            mailbox_id: tx.last_insert_rowid() as u64,
+            mailbox_id: position as u64,
             message: message.clone(),
         });
         cache.add_to_count(tx, *device, 1)?;
@@ -307,6 +337,10 @@ fn previous_answer(
     }))
 }
 
+/// Counts one recipient off a message; the last one drops its ciphertext.
+pub(crate) const FORGET_ONE_RECIPIENT: &str = "UPDATE messages SET pending = pending - 1, \
+     payload = CASE WHEN pending <= 1 THEN NULL ELSE payload END WHERE id = ?";
+
 /// Deletes acknowledged envelopes of `device`; a message whose every recipient has it
 /// loses its ciphertext (the row stays until it expires, for idempotency).
 pub(super) fn ack(
@@ -317,10 +351,7 @@ pub(super) fn ack(
 ) -> Result<u64, StoreError> {
     let mut delete =
         tx.prepare_cached("DELETE FROM mailbox WHERE seq = ? AND device_id = ? RETURNING message")?;
-    let mut forget = tx.prepare_cached(
-        "UPDATE messages SET payload = NULL WHERE id = ?1 \
-         AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message = ?1)",
-    )?;
+    let mut forget = tx.prepare_cached(FORGET_ONE_RECIPIENT)?;
     let mut removed = 0;
     for id in ids {
         let Ok(seq) = i64::try_from(*id) else {
