@@ -122,6 +122,37 @@ pub async fn start_direct(sender: &Client, peer: &str) -> anyhow::Result<()> {
 
 /// Encrypts `count` texts of `size` bytes for the sender's conversation, in chunks (one
 /// transaction each).
+/// Encrypts `count` texts of `size` bytes from each pair's sender, `chunk` per pair in
+/// turn: message ids are UUIDv7 (time-ordered) and made when a message is encrypted, so
+/// taking the pairs in turn gives ids in the order the senders will send them, as clients
+/// that encrypt at send time do. (Encrypting one sender's share after the other would give
+/// the server ids from a hundred far-apart ranges at once.)
+pub fn prepare_interleaved(
+    pairs: &[Pair],
+    count: usize,
+    size: usize,
+    chunk: usize,
+) -> anyhow::Result<Vec<Prepared>> {
+    let text: String = "x".repeat(size);
+    let mut prepared: Vec<Prepared> = pairs
+        .iter()
+        .map(|_| Prepared {
+            messages: Vec::with_capacity(count),
+        })
+        .collect();
+    let mut done = 0;
+    while done < count {
+        let n = chunk.max(1).min(count - done);
+        let texts = vec![text.clone(); n];
+        for (pair, into) in pairs.iter().zip(&mut prepared) {
+            into.messages
+                .extend(pair.sender.prepare_texts(&pair.conversation, &texts)?);
+        }
+        done += n;
+    }
+    Ok(prepared)
+}
+
 pub fn prepare(pair: &Pair, count: usize, size: usize) -> anyhow::Result<Prepared> {
     let text: String = "x".repeat(size);
     let mut messages = Vec::with_capacity(count);

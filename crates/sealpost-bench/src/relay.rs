@@ -2,7 +2,9 @@
 //!
 //! P sender/receiver pairs, each in its own real 1:1 MLS group. Before the timed part each
 //! sender's engine encrypts its share of the messages (in the wild every client has its
-//! own CPU; here the two cores must measure the server). In the timed part every sender
+//! own CPU; here the two cores must measure the server), the senders in turn, so that the
+//! time-ordered message ids reach the server in about the order real senders would make
+//! them. In the timed part every sender
 //! pipelines its ciphertexts over a push-mode WebSocket (at most `window` unanswered),
 //! either as fast as the server answers or paced at a fixed total rate; every receiver
 //! takes envelopes from its own push-mode socket and acknowledges each frame. A message
@@ -23,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::population::{Pair, Prepared, prepare, progress};
+use crate::population::{Pair, Prepared, prepare_interleaved, progress};
 use crate::report::Percentiles;
 use crate::server::{ServerProcess, WriterCounters, own_cpu_seconds};
 
@@ -98,10 +100,7 @@ pub fn prepare_all(pairs: &[Pair], options: &RelayOptions) -> anyhow::Result<Vec
         options.size,
         per_pair
     ));
-    pairs
-        .iter()
-        .map(|pair| prepare(pair, per_pair, options.size))
-        .collect()
+    prepare_interleaved(pairs, per_pair, options.size, 16)
 }
 
 pub async fn run(
