@@ -262,6 +262,47 @@ const MIGRATIONS: &[Migration] = &[
         mls::convert_legacy(tx)?;
         Ok(())
     }),
+    // 5: fewer B-trees written per message. `history` loses AUTOINCREMENT (a write to
+    // `sqlite_sequence` per row; a reused `seq` can only be that of a deleted last row,
+    // which `take_unshown` never stopped at) and its `(shown, seq)` index: what `sync`
+    // has shown is the `shown_through` watermark in `meta`, everything unshown is after
+    // it. `processed` becomes WITHOUT ROWID (its key was a second B-tree).
+    Migration::Sql(
+        "CREATE TABLE history_new (
+             seq           INTEGER PRIMARY KEY,
+             id            TEXT NOT NULL UNIQUE,
+             group_id      TEXT NOT NULL,
+             sender        TEXT NOT NULL,
+             sender_device TEXT,
+             kind          TEXT NOT NULL,
+             text          TEXT NOT NULL,
+             sent_at_ms    INTEGER NOT NULL,
+             received_at   INTEGER NOT NULL,
+             outgoing      INTEGER NOT NULL,
+             shown         INTEGER NOT NULL DEFAULT 0
+         );
+         INSERT INTO history_new (seq, id, group_id, sender, sender_device, kind, text,
+                                  sent_at_ms, received_at, outgoing, shown)
+             SELECT seq, id, group_id, sender, sender_device, kind, text, sent_at_ms,
+                    received_at, outgoing, shown FROM history;
+         INSERT INTO meta (key, value) VALUES ('shown_through', CAST(COALESCE(
+             (SELECT MIN(seq) - 1 FROM history WHERE shown = 0),
+             (SELECT MAX(seq) FROM history WHERE outgoing = 0),
+             0) AS BLOB));
+         DROP TABLE history;
+         ALTER TABLE history_new RENAME TO history;
+         CREATE INDEX history_by_group ON history(group_id, seq);
+         CREATE TABLE processed_new (
+             group_id     TEXT NOT NULL,
+             message_id   TEXT NOT NULL,
+             kind         TEXT NOT NULL,
+             processed_at INTEGER NOT NULL,
+             PRIMARY KEY (group_id, message_id, kind)
+         ) WITHOUT ROWID;
+         INSERT INTO processed_new SELECT group_id, message_id, kind, processed_at FROM processed;
+         DROP TABLE processed;
+         ALTER TABLE processed_new RENAME TO processed;",
+    ),
 ];
 
 fn migrate(connection: &mut Connection) -> Result<(), CoreError> {
@@ -660,5 +701,94 @@ mod tests {
         drop(conn);
         let conn = open(&path).unwrap();
         assert_eq!(read(&conn).map(|i| i.u32()), Some(7));
+    }
+
+    fn add_history(conn: &Connection, id: &str, outgoing: bool, shown: bool) {
+        conn.execute(
+            "INSERT INTO history (id, group_id, sender, kind, text, sent_at_ms, received_at, \
+             outgoing, shown) VALUES (?1, 'g', 's', 'text', ?1, 0, 0, ?2, ?3)",
+            params![id, outgoing as i64, shown as i64],
+        )
+        .unwrap();
+    }
+
+    fn unshown(engine: &mut crate::engine::Engine) -> Vec<String> {
+        engine
+            .take_unshown()
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.text)
+            .collect()
+    }
+
+    #[test]
+    fn history_and_processed_keep_their_rows_and_meaning_through_migration_5() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut conn = Connection::open(&path).unwrap();
+        migrate_to(&mut conn, 4).unwrap();
+        add_history(&conn, "in-seen", false, true);
+        add_history(&conn, "own-1", true, true);
+        add_history(&conn, "in-new", false, false);
+        add_history(&conn, "notice-new", false, false);
+        add_history(&conn, "own-2", true, true);
+        conn.execute(
+            "INSERT INTO processed (group_id, message_id, kind, processed_at) \
+             VALUES ('g', 'm', 'application', 0)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+
+        let mut engine = crate::engine::Engine::open(&path).unwrap();
+        assert_eq!(unshown(&mut engine), ["in-new", "notice-new"]);
+        assert!(unshown(&mut engine).is_empty());
+        // The last row is an own message that failed: its `seq` goes to the next row,
+        // which must still be shown.
+        engine
+            .conn
+            .execute("DELETE FROM history WHERE id = 'own-2'", [])
+            .unwrap();
+        add_history(&engine.conn, "in-after", false, false);
+        add_history(&engine.conn, "own-3", true, true);
+        assert_eq!(unshown(&mut engine), ["in-after"]);
+        // A redelivered envelope is still recognised.
+        let inserted = engine
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO processed (group_id, message_id, kind, processed_at) \
+                 VALUES ('g', 'm', 'application', 1)",
+                [],
+            )
+            .unwrap();
+        assert_eq!(inserted, 0);
+        let autoincrement: i64 = engine
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE sql LIKE '%AUTOINCREMENT%'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(autoincrement, 0);
+    }
+
+    #[test]
+    fn a_store_whose_history_was_all_shown_starts_after_its_last_incoming_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut conn = Connection::open(&path).unwrap();
+        migrate_to(&mut conn, 4).unwrap();
+        add_history(&conn, "in-seen", false, true);
+        add_history(&conn, "own-1", true, true);
+        drop(conn);
+        let mut engine = crate::engine::Engine::open(&path).unwrap();
+        assert!(unshown(&mut engine).is_empty());
+        engine
+            .conn
+            .execute("DELETE FROM history WHERE id = 'own-1'", [])
+            .unwrap();
+        add_history(&engine.conn, "in-new", false, false);
+        assert_eq!(unshown(&mut engine), ["in-new"]);
     }
 }

@@ -694,16 +694,19 @@ impl Engine {
         }
         self.transact(|provider, tx, identity| {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
-            require_active(tx, group_id)?;
-            let mut group = require_group(provider, group_id)?;
             // The peer of a 1:1 counts even if none of their devices is in the group now.
-            let peer: Option<String> = tx
+            let (status, peer): (String, Option<String>) = tx
                 .prepare_cached(
-                    "SELECT peer FROM conversations WHERE group_id = ? AND kind = 'direct'",
+                    "SELECT status, CASE kind WHEN 'direct' THEN peer END \
+                     FROM conversations WHERE group_id = ?",
                 )?
-                .query_row([group_id], |row| row.get(0))
+                .query_row([group_id], |row| Ok((row.get(0)?, row.get(1)?)))
                 .optional()?
-                .flatten();
+                .ok_or_else(|| CoreError::UnknownConversation(group_id.to_owned()))?;
+            if status != "active" {
+                return Err(CoreError::NotActive(group_id.to_owned()));
+            }
+            let mut group = require_group(provider, group_id)?;
             let blocked = blocked_members(
                 tx,
                 member_devices(&group)
