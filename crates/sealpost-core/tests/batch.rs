@@ -213,3 +213,25 @@ fn groups_changed_by_another_process_are_reloaded() {
     assert_eq!(texts(&chat.bob.engine.take_unshown().unwrap()), expected);
     drop(chat.world);
 }
+
+#[test]
+fn process_envelope_returns_what_history_holds() {
+    let mut chat = Chat::new();
+    let envelopes = chat.send(2);
+    let mut returned = Vec::new();
+    for envelope in &envelopes {
+        returned.extend(chat.bob.engine.process_envelope(envelope, NOW).unwrap());
+    }
+    // A redelivery adds nothing.
+    assert!(
+        chat.bob
+            .engine
+            .process_envelope(&envelopes[0], NOW)
+            .unwrap()
+            .is_empty()
+    );
+    let conversation = chat.bob.engine.find_conversation("alice").unwrap();
+    let history = chat.bob.engine.history(&conversation, 2).unwrap();
+    assert_eq!(returned, history);
+    assert_eq!(texts(&returned), [text(1), text(2)]);
+}

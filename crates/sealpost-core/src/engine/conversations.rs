@@ -13,7 +13,7 @@ use openmls::prelude::{
 };
 use openmls_traits::OpenMlsProvider as _;
 use rand::RngCore as _;
-use rusqlite::{OptionalExtension as _, Transaction, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use sealpost_proto::api::{
     ClaimKeyPackagesResponse, PostCommitRequest, PostMessageRequest, PostProposalRequest,
 };
@@ -154,7 +154,7 @@ pub(crate) fn member_devices(group: &MlsGroup) -> Vec<MemberDevice> {
 /// own account-key field is not trusted: the proven certificate names the key.
 fn verify_claimed(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     identity: &Identity,
     claimed: &ClaimKeyPackagesResponse,
     _now: i64,
@@ -211,7 +211,7 @@ fn verify_claimed(
 }
 
 pub(crate) fn insert_outbox(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     outgoing: &Outgoing,
     group_id: &str,
     text: Option<&str>,
@@ -236,7 +236,7 @@ pub(crate) fn insert_outbox(
     Ok(())
 }
 
-pub(crate) fn delete_outbox(tx: &Transaction<'_>, message_id: Uuid) -> Result<(), CoreError> {
+pub(crate) fn delete_outbox(tx: &Connection, message_id: Uuid) -> Result<(), CoreError> {
     tx.prepare_cached("DELETE FROM outbox WHERE message_id = ?")?
         .execute([message_id.to_string()])?;
     Ok(())
@@ -245,7 +245,7 @@ pub(crate) fn delete_outbox(tx: &Transaction<'_>, message_id: Uuid) -> Result<()
 /// Adds a notice (membership change etc.) to a conversation's history; returns its id.
 /// `shown` is true for notices of the user's own actions, which `sync` need not repeat.
 pub(crate) fn insert_notice(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     group_id: &str,
     text: &str,
     now: i64,
@@ -286,7 +286,7 @@ pub(crate) fn commit_request(
 }
 
 /// A conversation's status (`active`, `left`, `removed`), `None` if there is none.
-pub(crate) fn status_of(tx: &Transaction<'_>, group_id: &str) -> Result<Option<String>, CoreError> {
+pub(crate) fn status_of(tx: &Connection, group_id: &str) -> Result<Option<String>, CoreError> {
     Ok(tx
         .prepare_cached("SELECT status FROM conversations WHERE group_id = ?")?
         .query_row([group_id], |row| row.get(0))
@@ -297,7 +297,7 @@ pub(crate) fn status_of(tx: &Transaction<'_>, group_id: &str) -> Result<Option<S
 /// or its group is gone.
 fn active_group(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     group_id: &str,
 ) -> Result<Option<MlsGroup>, CoreError> {
     if status_of(tx, group_id)?.as_deref() != Some("active") {
@@ -306,7 +306,7 @@ fn active_group(
     load_group(provider, group_id)
 }
 
-fn require_active(tx: &Transaction<'_>, group_id: &str) -> Result<(), CoreError> {
+fn require_active(tx: &Connection, group_id: &str) -> Result<(), CoreError> {
     match status_of(tx, group_id)?.as_deref() {
         Some("active") => Ok(()),
         Some(_) => Err(CoreError::NotActive(group_id.to_owned())),
@@ -316,7 +316,7 @@ fn require_active(tx: &Transaction<'_>, group_id: &str) -> Result<(), CoreError>
 
 fn add_commit(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     identity: &Identity,
     group: &mut MlsGroup,
     claimed: &[ClaimKeyPackagesResponse],
