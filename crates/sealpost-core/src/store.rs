@@ -303,6 +303,23 @@ const MIGRATIONS: &[Migration] = &[
          DROP TABLE processed;
          ALTER TABLE processed_new RENAME TO processed;",
     ),
+    // 6: `outbox` is WITHOUT ROWID (its key was a second B-tree written by every send and
+    // every acknowledgement); it is read oldest first by `created_at`, then by message id
+    // (time-ordered UUIDv7) instead of by insertion.
+    Migration::Sql(
+        "CREATE TABLE outbox_new (
+             message_id TEXT PRIMARY KEY NOT NULL,
+             group_id   TEXT NOT NULL,
+             kind       TEXT NOT NULL,
+             request    TEXT NOT NULL,
+             text       TEXT,
+             created_at INTEGER NOT NULL
+         ) WITHOUT ROWID;
+         INSERT INTO outbox_new (message_id, group_id, kind, request, text, created_at)
+             SELECT message_id, group_id, kind, request, text, created_at FROM outbox;
+         DROP TABLE outbox;
+         ALTER TABLE outbox_new RENAME TO outbox;",
+    ),
 ];
 
 fn migrate(connection: &mut Connection) -> Result<(), CoreError> {
@@ -790,5 +807,46 @@ mod tests {
             .unwrap();
         add_history(&engine.conn, "in-new", false, false);
         assert_eq!(unshown(&mut engine), ["in-new"]);
+    }
+
+    #[test]
+    fn outbox_rows_survive_migration_6_oldest_first() {
+        use crate::engine::conversations::{Outgoing, OutgoingMessage};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut conn = Connection::open(&path).unwrap();
+        migrate_to(&mut conn, 5).unwrap();
+        let message = |created_at: i64| {
+            let outgoing = Outgoing::Message(OutgoingMessage {
+                group_id: "g".into(),
+                request: sealpost_proto::api::PostMessageRequest {
+                    message_id: uuid::Uuid::now_v7(),
+                    message: sealpost_proto::Bytes64(vec![created_at as u8]),
+                },
+            });
+            conn.execute(
+                "INSERT INTO outbox (message_id, group_id, kind, request, text, created_at) \
+                 VALUES (?1, 'g', 'message', ?2, 'hi', ?3)",
+                params![
+                    outgoing.message_id().to_string(),
+                    serde_json::to_string(&outgoing).unwrap(),
+                    created_at
+                ],
+            )
+            .unwrap();
+            outgoing.message_id()
+        };
+        let later = message(20);
+        let earlier = message(10);
+        let same_second = message(20);
+        drop(conn);
+        let engine = crate::engine::Engine::open(&path).unwrap();
+        let ids: Vec<uuid::Uuid> = engine
+            .outbox()
+            .unwrap()
+            .iter()
+            .map(Outgoing::message_id)
+            .collect();
+        assert_eq!(ids, [earlier, later, same_second]);
     }
 }

@@ -807,11 +807,12 @@ impl Engine {
         })
     }
 
-    /// Everything waiting in the outbox, oldest first.
+    /// Everything waiting in the outbox, oldest first (by second, then by message id: ids
+    /// are time-ordered UUIDv7).
     pub fn outbox(&self) -> Result<Vec<Outgoing>, CoreError> {
         let mut statement = self
             .conn
-            .prepare("SELECT request FROM outbox ORDER BY created_at, rowid")?;
+            .prepare("SELECT request FROM outbox ORDER BY created_at, message_id")?;
         let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
         let mut out = Vec::new();
         for row in rows {
