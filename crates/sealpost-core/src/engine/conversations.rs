@@ -210,29 +210,31 @@ fn verify_claimed(
     Ok(out)
 }
 
+/// Writes an outbox row. An application message is stored as its MLS bytes (its text is
+/// in history under the same id); commits and proposals as JSON.
 pub(crate) fn insert_outbox(
     tx: &Connection,
     outgoing: &Outgoing,
     group_id: &str,
-    text: Option<&str>,
     now: i64,
 ) -> Result<(), CoreError> {
-    let kind = match outgoing {
-        Outgoing::Commit(_) => "commit",
-        Outgoing::Message(_) => "message",
-        Outgoing::Proposal(_) => "proposal",
+    let (kind, request, message) = match outgoing {
+        Outgoing::Message(m) => ("message", String::new(), Some(m.request.message.as_ref())),
+        Outgoing::Commit(_) => ("commit", to_json(outgoing)?, None),
+        Outgoing::Proposal(_) => ("proposal", to_json(outgoing)?, None),
     };
     tx.prepare_cached(
-        "INSERT INTO outbox (message_id, group_id, kind, request, text, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO outbox (message_id, group_id, kind, request, created_at, message) \
+         VALUES (?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
-            outgoing.message_id().to_string(),
-            group_id,
-            kind,
-            to_json(outgoing)?,
-            text,
-            now
-        ])?;
+        outgoing.message_id().to_string(),
+        group_id,
+        kind,
+        request,
+        now,
+        message
+    ])?;
     Ok(())
 }
 
@@ -429,7 +431,7 @@ impl Engine {
                     None => format!("you started a conversation with {}", names.join(", ")),
                 }),
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), &group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), &group_id, now)?;
             Ok(outgoing)
         })
     }
@@ -464,7 +466,7 @@ impl Engine {
                 notice: Some(format!("you added {}", names.join(", "))),
                 announce: false,
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, now)?;
             Ok(outgoing)
         })
     }
@@ -507,7 +509,7 @@ impl Engine {
                 notice: Some(format!("you removed {username}")),
                 announce: false,
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, now)?;
             Ok(outgoing)
         })
     }
@@ -544,7 +546,7 @@ impl Engine {
                 notice: (!leaving.is_empty()).then(|| format!("{} left", leaving.join(", "))),
                 announce: true,
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, now)?;
             Ok(Some(outgoing))
         })
     }
@@ -613,13 +615,7 @@ impl Engine {
                     leaving_devices: vec![identity.device_id],
                 },
             };
-            insert_outbox(
-                tx,
-                &Outgoing::Proposal(outgoing.clone()),
-                group_id,
-                None,
-                now,
-            )?;
+            insert_outbox(tx, &Outgoing::Proposal(outgoing.clone()), group_id, now)?;
             Ok(outgoing)
         })
     }
@@ -738,13 +734,7 @@ impl Engine {
                         message: Bytes64(tls_bytes(&ciphertext)?),
                     },
                 };
-                insert_outbox(
-                    tx,
-                    &Outgoing::Message(outgoing.clone()),
-                    group_id,
-                    Some(text),
-                    now,
-                )?;
+                insert_outbox(tx, &Outgoing::Message(outgoing.clone()), group_id, now)?;
                 tx.prepare_cached(
                     "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, \
                      text, sent_at_ms, received_at, outgoing, shown) \
@@ -786,9 +776,12 @@ impl Engine {
     /// encrypted again (same id) once the new epoch is processed.
     pub fn message_stale(&mut self, message_id: Uuid) -> Result<Option<String>, CoreError> {
         self.transact(|_, tx, _| {
+            // Rows written before migration 7 carry their text; newer ones find it in
+            // history under the same id.
             let text: Option<Option<String>> = tx
                 .query_row(
-                    "SELECT text FROM outbox WHERE message_id = ?",
+                    "SELECT COALESCE(o.text, h.text) FROM outbox o \
+                     LEFT JOIN history h ON h.id = o.message_id WHERE o.message_id = ?",
                     [message_id.to_string()],
                     |row| row.get(0),
                 )
@@ -810,13 +803,29 @@ impl Engine {
     /// Everything waiting in the outbox, oldest first (by second, then by message id: ids
     /// are time-ordered UUIDv7).
     pub fn outbox(&self) -> Result<Vec<Outgoing>, CoreError> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT request FROM outbox ORDER BY created_at, message_id")?;
-        let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+        let mut statement = self.conn.prepare(
+            "SELECT message_id, group_id, request, message FROM outbox \
+             ORDER BY created_at, message_id",
+        )?;
+        let mut rows = statement.query([])?;
         let mut out = Vec::new();
-        for row in rows {
-            out.push(serde_json::from_str(&row?).map_err(|e| CoreError::Codec(e.to_string()))?);
+        while let Some(row) = rows.next()? {
+            let message: Option<Vec<u8>> = row.get(3)?;
+            out.push(match message {
+                Some(message) => {
+                    let id: String = row.get(0)?;
+                    Outgoing::Message(OutgoingMessage {
+                        group_id: row.get(1)?,
+                        request: PostMessageRequest {
+                            message_id: Uuid::parse_str(&id)
+                                .map_err(|e| CoreError::Codec(e.to_string()))?,
+                            message: Bytes64(message),
+                        },
+                    })
+                }
+                None => serde_json::from_str(&row.get::<_, String>(2)?)
+                    .map_err(|e| CoreError::Codec(e.to_string()))?,
+            });
         }
         Ok(out)
     }
@@ -946,7 +955,7 @@ impl Engine {
                 notice: None,
                 announce: false,
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, now)?;
             Ok(Some(outgoing))
         })
     }
