@@ -129,7 +129,6 @@ impl Engine {
                 tx,
                 &Outgoing::Commit(outgoing.clone()),
                 group_id,
-                None,
                 now,
             )?;
             Ok(outgoing)

@@ -191,7 +191,7 @@ impl Gossip {
         if bytes.is_empty() || bytes.len() > 512 {
             return None;
         }
-        let gossip: Self = ciborium::from_reader(bytes).ok()?;
+        let gossip: Self = crate::payload::cbor_from_slice(bytes).ok()?;
         (gossip.root_hash.len() == 32).then_some(gossip)
     }
 }

@@ -56,8 +56,16 @@ impl AppMessage {
         if bytes.len() > MAX_ENCODED_BYTES {
             return Err(CoreError::Codec("application payload too large".into()));
         }
-        ciborium::from_reader(bytes).map_err(|e| CoreError::Codec(e.to_string()))
+        cbor_from_slice(bytes).map_err(|e| CoreError::Codec(e.to_string()))
     }
+}
+
+/// Decodes CBOR with a small scratch buffer: `ciborium::from_reader` zeroes a 4 KiB one on
+/// every call (twice per received message). Longer strings are read in pieces.
+pub(crate) fn cbor_from_slice<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, ciborium::de::Error<std::io::Error>> {
+    ciborium::de::from_reader_with_buffer(bytes, &mut [0u8; 256])
 }
 
 /// Conversation metadata, carried in a private MLS group-context extension so that it
@@ -80,7 +88,7 @@ impl ConversationInfo {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, CoreError> {
-        ciborium::from_reader(bytes).map_err(|e| CoreError::Codec(e.to_string()))
+        cbor_from_slice(bytes).map_err(|e| CoreError::Codec(e.to_string()))
     }
 }
 
@@ -119,6 +127,16 @@ mod tests {
         let decoded = AppMessage::decode(&bytes).unwrap();
         assert_eq!(decoded.body, Body::Unsupported);
         assert_eq!(decoded.v, 2);
+    }
+
+    #[test]
+    fn the_longest_text_decodes_past_the_scratch_buffer() {
+        let text = "é".repeat(sealpost_proto::limits::TEXT_MAX_BYTES / 2);
+        let message = AppMessage::text(Uuid::nil(), 1, text.clone());
+        assert_eq!(
+            AppMessage::decode(&message.encode().unwrap()).unwrap().body,
+            Body::Text { text }
+        );
     }
 
     #[test]

@@ -213,3 +213,52 @@ fn groups_changed_by_another_process_are_reloaded() {
     assert_eq!(texts(&chat.bob.engine.take_unshown().unwrap()), expected);
     drop(chat.world);
 }
+
+#[test]
+fn process_envelope_returns_what_history_holds() {
+    let mut chat = Chat::new();
+    let envelopes = chat.send(2);
+    let mut returned = Vec::new();
+    for envelope in &envelopes {
+        returned.extend(chat.bob.engine.process_envelope(envelope, NOW).unwrap());
+    }
+    // A redelivery adds nothing.
+    assert!(
+        chat.bob
+            .engine
+            .process_envelope(&envelopes[0], NOW)
+            .unwrap()
+            .is_empty()
+    );
+    let conversation = chat.bob.engine.find_conversation("alice").unwrap();
+    let history = chat.bob.engine.history(&conversation, 2).unwrap();
+    assert_eq!(returned, history);
+    assert_eq!(texts(&returned), [text(1), text(2)]);
+}
+
+#[test]
+fn a_sent_message_waits_in_the_outbox_as_sent_and_a_stale_one_gives_its_text_back() {
+    let mut chat = Chat::new();
+    let sent = chat
+        .alice
+        .engine
+        .encrypt_text(&chat.group_id, &text(1), None, NOW * 1000)
+        .unwrap();
+    let waiting = chat.alice.engine.outbox().unwrap();
+    let [sealpost_core::engine::conversations::Outgoing::Message(waiting)] = waiting.as_slice()
+    else {
+        panic!("{waiting:?}");
+    };
+    assert_eq!(waiting.group_id, sent.group_id);
+    assert_eq!(waiting.request.message_id, sent.request.message_id);
+    assert_eq!(waiting.request.message, sent.request.message);
+    // Survives reopening, and a stale message hands its text back for re-encryption.
+    drop(chat.alice);
+    let mut alice = Engine::open(&chat.dir.path().join("alice.db")).unwrap();
+    assert_eq!(alice.outbox().unwrap().len(), 1);
+    assert_eq!(
+        alice.message_stale(sent.request.message_id).unwrap(),
+        Some(text(1))
+    );
+    assert!(alice.outbox().unwrap().is_empty());
+}

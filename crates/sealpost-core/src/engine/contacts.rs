@@ -9,7 +9,7 @@
 //! client reject group traffic (that would split the group); they stop the user from
 //! encrypting to an unconfirmed key.
 
-use rusqlite::{OptionalExtension as _, Transaction, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use sealpost_proto::api::UserDevicesResponse;
 use sealpost_proto::certificate::DeviceCertificate;
 use serde::Serialize;
@@ -62,7 +62,7 @@ struct ContactRow {
     pending_key: Option<Vec<u8>>,
 }
 
-fn contact_row(tx: &Transaction<'_>, username: &str) -> Result<Option<ContactRow>, CoreError> {
+fn contact_row(tx: &Connection, username: &str) -> Result<Option<ContactRow>, CoreError> {
     Ok(tx
         .prepare_cached(
             "SELECT account_key, verified, pending_key FROM contacts WHERE username = ?",
@@ -80,7 +80,7 @@ fn contact_row(tx: &Transaction<'_>, username: &str) -> Result<Option<ContactRow
 /// Group ids of active conversations that include `username`.
 fn conversations_with(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     username: &str,
 ) -> Result<Vec<String>, CoreError> {
     let ids: Vec<String> = {
@@ -106,7 +106,7 @@ fn conversations_with(
 /// sending to this user is blocked by an unaccepted key change.
 pub(crate) fn observe_account_key(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     own_username: &str,
     username: &str,
     account_key: &[u8],
@@ -161,7 +161,7 @@ pub(crate) fn observe_account_key(
 
 /// Users whose unaccepted key change blocks sending to this group, in the order given.
 pub(crate) fn blocked_members(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     usernames: impl IntoIterator<Item = String>,
 ) -> Result<Vec<String>, CoreError> {
     // Key changes awaiting acceptance are rare: one query for all of them, whatever the

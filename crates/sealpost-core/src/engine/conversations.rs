@@ -13,7 +13,7 @@ use openmls::prelude::{
 };
 use openmls_traits::OpenMlsProvider as _;
 use rand::RngCore as _;
-use rusqlite::{OptionalExtension as _, Transaction, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use sealpost_proto::api::{
     ClaimKeyPackagesResponse, PostCommitRequest, PostMessageRequest, PostProposalRequest,
 };
@@ -154,7 +154,7 @@ pub(crate) fn member_devices(group: &MlsGroup) -> Vec<MemberDevice> {
 /// own account-key field is not trusted: the proven certificate names the key.
 fn verify_claimed(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     identity: &Identity,
     claimed: &ClaimKeyPackagesResponse,
     _now: i64,
@@ -210,33 +210,35 @@ fn verify_claimed(
     Ok(out)
 }
 
+/// Writes an outbox row. An application message is stored as its MLS bytes (its text is
+/// in history under the same id); commits and proposals as JSON.
 pub(crate) fn insert_outbox(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     outgoing: &Outgoing,
     group_id: &str,
-    text: Option<&str>,
     now: i64,
 ) -> Result<(), CoreError> {
-    let kind = match outgoing {
-        Outgoing::Commit(_) => "commit",
-        Outgoing::Message(_) => "message",
-        Outgoing::Proposal(_) => "proposal",
+    let (kind, request, message) = match outgoing {
+        Outgoing::Message(m) => ("message", String::new(), Some(m.request.message.as_ref())),
+        Outgoing::Commit(_) => ("commit", to_json(outgoing)?, None),
+        Outgoing::Proposal(_) => ("proposal", to_json(outgoing)?, None),
     };
     tx.prepare_cached(
-        "INSERT INTO outbox (message_id, group_id, kind, request, text, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO outbox (message_id, group_id, kind, request, created_at, message) \
+         VALUES (?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
-            outgoing.message_id().to_string(),
-            group_id,
-            kind,
-            to_json(outgoing)?,
-            text,
-            now
-        ])?;
+        outgoing.message_id().to_string(),
+        group_id,
+        kind,
+        request,
+        now,
+        message
+    ])?;
     Ok(())
 }
 
-pub(crate) fn delete_outbox(tx: &Transaction<'_>, message_id: Uuid) -> Result<(), CoreError> {
+pub(crate) fn delete_outbox(tx: &Connection, message_id: Uuid) -> Result<(), CoreError> {
     tx.prepare_cached("DELETE FROM outbox WHERE message_id = ?")?
         .execute([message_id.to_string()])?;
     Ok(())
@@ -245,7 +247,7 @@ pub(crate) fn delete_outbox(tx: &Transaction<'_>, message_id: Uuid) -> Result<()
 /// Adds a notice (membership change etc.) to a conversation's history; returns its id.
 /// `shown` is true for notices of the user's own actions, which `sync` need not repeat.
 pub(crate) fn insert_notice(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     group_id: &str,
     text: &str,
     now: i64,
@@ -286,7 +288,7 @@ pub(crate) fn commit_request(
 }
 
 /// A conversation's status (`active`, `left`, `removed`), `None` if there is none.
-pub(crate) fn status_of(tx: &Transaction<'_>, group_id: &str) -> Result<Option<String>, CoreError> {
+pub(crate) fn status_of(tx: &Connection, group_id: &str) -> Result<Option<String>, CoreError> {
     Ok(tx
         .prepare_cached("SELECT status FROM conversations WHERE group_id = ?")?
         .query_row([group_id], |row| row.get(0))
@@ -297,7 +299,7 @@ pub(crate) fn status_of(tx: &Transaction<'_>, group_id: &str) -> Result<Option<S
 /// or its group is gone.
 fn active_group(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     group_id: &str,
 ) -> Result<Option<MlsGroup>, CoreError> {
     if status_of(tx, group_id)?.as_deref() != Some("active") {
@@ -306,7 +308,7 @@ fn active_group(
     load_group(provider, group_id)
 }
 
-fn require_active(tx: &Transaction<'_>, group_id: &str) -> Result<(), CoreError> {
+fn require_active(tx: &Connection, group_id: &str) -> Result<(), CoreError> {
     match status_of(tx, group_id)?.as_deref() {
         Some("active") => Ok(()),
         Some(_) => Err(CoreError::NotActive(group_id.to_owned())),
@@ -316,7 +318,7 @@ fn require_active(tx: &Transaction<'_>, group_id: &str) -> Result<(), CoreError>
 
 fn add_commit(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     identity: &Identity,
     group: &mut MlsGroup,
     claimed: &[ClaimKeyPackagesResponse],
@@ -429,7 +431,7 @@ impl Engine {
                     None => format!("you started a conversation with {}", names.join(", ")),
                 }),
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), &group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), &group_id, now)?;
             Ok(outgoing)
         })
     }
@@ -464,7 +466,7 @@ impl Engine {
                 notice: Some(format!("you added {}", names.join(", "))),
                 announce: false,
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, now)?;
             Ok(outgoing)
         })
     }
@@ -507,7 +509,7 @@ impl Engine {
                 notice: Some(format!("you removed {username}")),
                 announce: false,
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, now)?;
             Ok(outgoing)
         })
     }
@@ -544,7 +546,7 @@ impl Engine {
                 notice: (!leaving.is_empty()).then(|| format!("{} left", leaving.join(", "))),
                 announce: true,
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, now)?;
             Ok(Some(outgoing))
         })
     }
@@ -613,13 +615,7 @@ impl Engine {
                     leaving_devices: vec![identity.device_id],
                 },
             };
-            insert_outbox(
-                tx,
-                &Outgoing::Proposal(outgoing.clone()),
-                group_id,
-                None,
-                now,
-            )?;
+            insert_outbox(tx, &Outgoing::Proposal(outgoing.clone()), group_id, now)?;
             Ok(outgoing)
         })
     }
@@ -694,16 +690,19 @@ impl Engine {
         }
         self.transact(|provider, tx, identity| {
             let identity = identity.ok_or(CoreError::NotRegistered)?;
-            require_active(tx, group_id)?;
-            let mut group = require_group(provider, group_id)?;
             // The peer of a 1:1 counts even if none of their devices is in the group now.
-            let peer: Option<String> = tx
+            let (status, peer): (String, Option<String>) = tx
                 .prepare_cached(
-                    "SELECT peer FROM conversations WHERE group_id = ? AND kind = 'direct'",
+                    "SELECT status, CASE kind WHEN 'direct' THEN peer END \
+                     FROM conversations WHERE group_id = ?",
                 )?
-                .query_row([group_id], |row| row.get(0))
+                .query_row([group_id], |row| Ok((row.get(0)?, row.get(1)?)))
                 .optional()?
-                .flatten();
+                .ok_or_else(|| CoreError::UnknownConversation(group_id.to_owned()))?;
+            if status != "active" {
+                return Err(CoreError::NotActive(group_id.to_owned()));
+            }
+            let mut group = require_group(provider, group_id)?;
             let blocked = blocked_members(
                 tx,
                 member_devices(&group)
@@ -735,13 +734,7 @@ impl Engine {
                         message: Bytes64(tls_bytes(&ciphertext)?),
                     },
                 };
-                insert_outbox(
-                    tx,
-                    &Outgoing::Message(outgoing.clone()),
-                    group_id,
-                    Some(text),
-                    now,
-                )?;
+                insert_outbox(tx, &Outgoing::Message(outgoing.clone()), group_id, now)?;
                 tx.prepare_cached(
                     "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, \
                      text, sent_at_ms, received_at, outgoing, shown) \
@@ -783,9 +776,12 @@ impl Engine {
     /// encrypted again (same id) once the new epoch is processed.
     pub fn message_stale(&mut self, message_id: Uuid) -> Result<Option<String>, CoreError> {
         self.transact(|_, tx, _| {
+            // Rows written before migration 7 carry their text; newer ones find it in
+            // history under the same id.
             let text: Option<Option<String>> = tx
                 .query_row(
-                    "SELECT text FROM outbox WHERE message_id = ?",
+                    "SELECT COALESCE(o.text, h.text) FROM outbox o \
+                     LEFT JOIN history h ON h.id = o.message_id WHERE o.message_id = ?",
                     [message_id.to_string()],
                     |row| row.get(0),
                 )
@@ -804,15 +800,32 @@ impl Engine {
         })
     }
 
-    /// Everything waiting in the outbox, oldest first.
+    /// Everything waiting in the outbox, oldest first (by second, then by message id: ids
+    /// are time-ordered UUIDv7).
     pub fn outbox(&self) -> Result<Vec<Outgoing>, CoreError> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT request FROM outbox ORDER BY created_at, rowid")?;
-        let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+        let mut statement = self.conn.prepare(
+            "SELECT message_id, group_id, request, message FROM outbox \
+             ORDER BY created_at, message_id",
+        )?;
+        let mut rows = statement.query([])?;
         let mut out = Vec::new();
-        for row in rows {
-            out.push(serde_json::from_str(&row?).map_err(|e| CoreError::Codec(e.to_string()))?);
+        while let Some(row) = rows.next()? {
+            let message: Option<Vec<u8>> = row.get(3)?;
+            out.push(match message {
+                Some(message) => {
+                    let id: String = row.get(0)?;
+                    Outgoing::Message(OutgoingMessage {
+                        group_id: row.get(1)?,
+                        request: PostMessageRequest {
+                            message_id: Uuid::parse_str(&id)
+                                .map_err(|e| CoreError::Codec(e.to_string()))?,
+                            message: Bytes64(message),
+                        },
+                    })
+                }
+                None => serde_json::from_str(&row.get::<_, String>(2)?)
+                    .map_err(|e| CoreError::Codec(e.to_string()))?,
+            });
         }
         Ok(out)
     }
@@ -942,7 +955,7 @@ impl Engine {
                 notice: None,
                 announce: false,
             };
-            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, None, now)?;
+            insert_outbox(tx, &Outgoing::Commit(outgoing.clone()), group_id, now)?;
             Ok(Some(outgoing))
         })
     }

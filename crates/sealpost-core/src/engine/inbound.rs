@@ -19,11 +19,11 @@ use openmls::prelude::{
     MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal, Sender, StagedWelcome,
 };
 use openmls_traits::OpenMlsProvider as _;
-use rusqlite::{OptionalExtension as _, Transaction, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use sealpost_proto::api::{Envelope, EnvelopeKind};
 
 use super::contacts::observe_account_key;
-use super::conversations::{insert_notice, load_group, member_devices, status_of};
+use super::conversations::{insert_notice, load_group, member_devices};
 use super::queries::{HistoryEntry, history_entry};
 use super::transparency::observe_gossip;
 use super::{Engine, Identity, join_config};
@@ -35,8 +35,8 @@ use crate::store::Provider;
 
 /// What applying an envelope produced.
 enum Outcome {
-    /// Ids of new history messages.
-    Messages(Vec<String>),
+    /// New history messages.
+    Messages(Vec<HistoryEntry>),
     /// Notices to add to history.
     Notices(Vec<String>),
     /// Nothing to show: the envelope is for a group we are no longer in.
@@ -53,7 +53,7 @@ fn kind_name(kind: EnvelopeKind) -> &'static str {
 }
 
 /// Records an envelope as processed; `false` if it already was (a redelivery).
-fn mark_processed(tx: &Transaction<'_>, envelope: &Envelope, now: i64) -> Result<bool, CoreError> {
+fn mark_processed(tx: &Connection, envelope: &Envelope, now: i64) -> Result<bool, CoreError> {
     let inserted = tx
         .prepare_cached(
             "INSERT OR IGNORE INTO processed (group_id, message_id, kind, processed_at) \
@@ -73,7 +73,7 @@ fn mark_processed(tx: &Transaction<'_>, envelope: &Envelope, now: i64) -> Result
 /// recorded for its user (key-change rules in `contacts`).
 fn accept_member(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     identity: &Identity,
     credential: &openmls::prelude::Credential,
     signature_key: &[u8],
@@ -101,7 +101,7 @@ fn parse(payload: &[u8]) -> Result<MlsMessageIn, CoreError> {
         .map_err(|_| CoreError::Mls("malformed MLS message".into()))
 }
 
-fn unique_group_name(tx: &Transaction<'_>, name: &str) -> Result<String, CoreError> {
+fn unique_group_name(tx: &Connection, name: &str) -> Result<String, CoreError> {
     let mut candidate = name.to_owned();
     for n in 2.. {
         let taken: Option<i64> = tx
@@ -121,7 +121,7 @@ fn unique_group_name(tx: &Transaction<'_>, name: &str) -> Result<String, CoreErr
 
 fn process_welcome(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     identity: &Identity,
     envelope: &Envelope,
     now: i64,
@@ -216,12 +216,23 @@ fn process_welcome(
 
 fn process_in_group(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     identity: &Identity,
     envelope: &Envelope,
     now: i64,
 ) -> Result<Outcome, CoreError> {
-    if status_of(tx, &envelope.group_id)?.as_deref() != Some("active") {
+    // The status, and the conversation's name as history shows it.
+    let conversation: Option<(String, Option<String>)> = tx
+        .prepare_cached(
+            "SELECT status, CASE WHEN kind = 'direct' THEN peer ELSE name END \
+             FROM conversations WHERE group_id = ?",
+        )?
+        .query_row([&envelope.group_id], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    let Some((status, label)) = conversation else {
+        return Ok(Outcome::Skipped);
+    };
+    if status != "active" {
         return Ok(Outcome::Skipped);
     }
     let Some(mut group) = load_group(provider, &envelope.group_id)? else {
@@ -249,24 +260,38 @@ fn process_in_group(
                 Body::Text { text } => text,
                 Body::Unsupported => "(a message this version of Sealpost cannot show)".to_owned(),
             };
+            let id = message.id.to_string();
+            let sender_device = sender_cert.as_ref().map(|c| c.device_id.to_string());
+            let outgoing = sender_name == identity.username;
             let inserted = tx
                 .prepare_cached(
                     "INSERT OR IGNORE INTO history (id, group_id, sender, sender_device, kind, \
                      text, sent_at_ms, received_at, outgoing) VALUES (?, ?, ?, ?, 'text', ?, ?, ?, ?)",
                 )?
                 .execute(params![
-                    message.id.to_string(),
+                    id,
                     envelope.group_id,
                     sender_name,
-                    sender_cert.as_ref().map(|c| c.device_id.to_string()),
+                    sender_device,
                     text,
                     message.sent_at_ms,
                     now,
-                    (sender_name == identity.username) as i64,
+                    outgoing as i64,
                 ])?;
             provider.keep_group(group);
             Ok(Outcome::Messages(if inserted == 1 {
-                vec![message.id.to_string()]
+                // What `history_entry` would read back.
+                vec![HistoryEntry {
+                    id,
+                    conversation: label.unwrap_or_else(|| envelope.group_id.clone()),
+                    group_id: envelope.group_id.clone(),
+                    sender: sender_name,
+                    sender_device,
+                    kind: "text".into(),
+                    text,
+                    sent_at: message.sent_at_ms,
+                    outgoing,
+                }]
             } else {
                 Vec::new()
             }))
@@ -417,18 +442,25 @@ enum Isolation {
     Savepoint,
 }
 
+/// A history entry an envelope added: the entry itself when it was built in memory, or
+/// its id (notices, read back by whoever needs them).
+enum Added {
+    Entry(HistoryEntry),
+    Id(String),
+}
+
 /// Applies envelopes in order inside the caller's transaction; returns the ids of the
 /// history entries they added. With [`Isolation::Savepoint`], an envelope the peer or
 /// server got wrong is undone (back to its savepoint) and recorded as processed with a
 /// notice. Any error returned means the caller's transaction must roll back.
 fn apply_envelopes(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     identity: &Identity,
     envelopes: &[Envelope],
     now: i64,
     isolation: Isolation,
-) -> Result<Vec<String>, CoreError> {
+) -> Result<Vec<Added>, CoreError> {
     let mut ids = Vec::new();
     for envelope in envelopes {
         ids.extend(apply_envelope(
@@ -440,12 +472,12 @@ fn apply_envelopes(
 
 fn apply_envelope(
     provider: &Provider<'_>,
-    tx: &Transaction<'_>,
+    tx: &Connection,
     identity: &Identity,
     envelope: &Envelope,
     now: i64,
     isolation: Isolation,
-) -> Result<Vec<String>, CoreError> {
+) -> Result<Vec<Added>, CoreError> {
     let savepoint = isolation == Isolation::Savepoint;
     if savepoint {
         tx.prepare_cached("SAVEPOINT envelope")?.execute([])?;
@@ -464,10 +496,16 @@ fn apply_envelope(
         };
         let mut ids = Vec::new();
         match outcome {
-            Outcome::Messages(messages) => ids.extend(messages),
+            Outcome::Messages(messages) => ids.extend(messages.into_iter().map(Added::Entry)),
             Outcome::Notices(notices) => {
                 for text in notices {
-                    ids.push(insert_notice(tx, &envelope.group_id, &text, now, false)?);
+                    ids.push(Added::Id(insert_notice(
+                        tx,
+                        &envelope.group_id,
+                        &text,
+                        now,
+                        false,
+                    )?));
                 }
             }
             Outcome::Skipped => {}
@@ -496,13 +534,13 @@ fn apply_envelope(
                 ),
             };
             mark_processed(tx, envelope, now)?;
-            Ok(vec![insert_notice(
+            Ok(vec![Added::Id(insert_notice(
                 tx,
                 &envelope.group_id,
                 &text,
                 now,
                 false,
-            )?])
+            )?)])
         }
         Err(err) => Err(err),
     }
@@ -519,7 +557,7 @@ impl Engine {
         envelopes: &[Envelope],
         now: i64,
         mark_batch: bool,
-    ) -> Result<Vec<String>, CoreError> {
+    ) -> Result<Vec<Added>, CoreError> {
         let run = |engine: &mut Self, isolation| {
             engine.transact(|provider, tx, identity| {
                 let identity = identity.ok_or(CoreError::NotRegistered)?;
@@ -544,11 +582,12 @@ impl Engine {
         envelope: &Envelope,
         now: i64,
     ) -> Result<Vec<HistoryEntry>, CoreError> {
-        let ids = self.apply_in_one_transaction(std::slice::from_ref(envelope), now, false)?;
-        let mut entries = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(entry) = history_entry(&self.conn, &id)? {
-                entries.push(entry);
+        let added = self.apply_in_one_transaction(std::slice::from_ref(envelope), now, false)?;
+        let mut entries = Vec::with_capacity(added.len());
+        for added in added {
+            match added {
+                Added::Entry(entry) => entries.push(entry),
+                Added::Id(id) => entries.extend(history_entry(&self.conn, &id)?),
             }
         }
         Ok(entries)

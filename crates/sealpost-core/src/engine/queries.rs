@@ -177,18 +177,36 @@ impl Engine {
 impl Engine {
     /// History entries not yet shown by `sync` (messages and notices that arrived, in
     /// arrival order), marking them shown.
+    ///
+    /// What was shown is a watermark (`shown_through` in `meta`, the `seq` of the last
+    /// entry returned): every entry after it with `shown = 0` is new. Entries are only
+    /// ever appended; the only ones deleted are the user's own failed messages, which are
+    /// inserted shown and never become the watermark, so a `seq` reused after deleting
+    /// the last row is always after it.
     pub fn take_unshown(&mut self) -> Result<Vec<HistoryEntry>, CoreError> {
         let tx = self.conn.transaction()?;
+        let through = crate::store::meta_text(&tx, "shown_through")?
+            .and_then(|text| text.parse::<i64>().ok())
+            .unwrap_or(0);
         let sql = format!(
             "SELECT h.seq, {HISTORY_COLUMNS} FROM history h \
-             LEFT JOIN conversations c ON c.group_id = h.group_id WHERE h.shown = 0 ORDER BY h.seq"
+             LEFT JOIN conversations c ON c.group_id = h.group_id \
+             WHERE h.seq > ?1 AND h.shown = 0 ORDER BY h.seq"
         );
-        let entries = {
-            let mut statement = tx.prepare(&sql)?;
-            let rows = statement.query_map([], entry_from_row)?;
-            rows.collect::<Result<Vec<_>, _>>()?
+        let (entries, last) = {
+            let mut statement = tx.prepare_cached(&sql)?;
+            let mut rows = statement.query([through])?;
+            let mut entries = Vec::new();
+            let mut last = None;
+            while let Some(row) = rows.next()? {
+                last = Some(row.get::<_, i64>("seq")?);
+                entries.push(entry_from_row(row)?);
+            }
+            (entries, last)
         };
-        tx.execute("UPDATE history SET shown = 1 WHERE shown = 0", [])?;
+        if let Some(last) = last {
+            crate::store::meta_set(&tx, "shown_through", last.to_string().as_bytes())?;
+        }
         tx.commit()?;
         Ok(entries)
     }

@@ -10,7 +10,7 @@
 //! - every version of our own entry published since we first appeared must carry our
 //!   account key and only certificates signed by it; anything else raises an alert.
 
-use rusqlite::{OptionalExtension as _, Transaction, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use sealpost_proto::certificate::DeviceCertificate;
 use sealpost_proto::kt::{DirectoryEntry, HistoryResponse, SignedRoot};
 use uuid::Uuid;
@@ -42,12 +42,7 @@ pub(crate) fn kt_keys(tx: &rusqlite::Connection) -> Result<KtKeys, CoreError> {
 }
 
 /// Raises an alert once (by `key`) in the security conversation; returns whether it was new.
-pub(crate) fn alert(
-    tx: &Transaction<'_>,
-    key: &str,
-    text: &str,
-    now: i64,
-) -> Result<bool, CoreError> {
+pub(crate) fn alert(tx: &Connection, key: &str, text: &str, now: i64) -> Result<bool, CoreError> {
     let inserted = tx.execute(
         "INSERT OR IGNORE INTO kt_alerts (key, raised_at) VALUES (?, ?)",
         params![key, now],
@@ -62,7 +57,7 @@ pub(crate) fn alert(
 /// Records a signed root: verifies it, refuses rollbacks, alerts on a second root for the
 /// same epoch. Returns the root hash.
 pub(crate) fn observe_root(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     root: &SignedRoot,
     now: i64,
 ) -> Result<[u8; 32], CoreError> {
@@ -96,7 +91,7 @@ pub(crate) fn observe_root(
 /// Stores the root hash of an epoch; a different hash than one already seen for the same
 /// epoch means the server signed two directories: an alert and an error.
 fn record_root_hash(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     epoch: u64,
     hash: &[u8; 32],
     now: i64,
@@ -136,7 +131,7 @@ fn record_root_hash(
 
 /// Compares a root another member reported (in a message's authenticated data) with ours.
 pub(crate) fn observe_gossip(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     sender: &str,
     gossip: &Gossip,
     now: i64,
@@ -170,7 +165,7 @@ pub(crate) fn observe_gossip(
 }
 
 /// The gossip to attach to an outgoing message: our newest root.
-pub(crate) fn current_gossip(tx: &Transaction<'_>) -> Result<Option<Gossip>, CoreError> {
+pub(crate) fn current_gossip(tx: &Connection) -> Result<Option<Gossip>, CoreError> {
     let row: Option<(i64, Vec<u8>)> = tx
         .prepare_cached("SELECT epoch, root_hash FROM kt_roots ORDER BY epoch DESC LIMIT 1")?
         .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
@@ -183,7 +178,7 @@ pub(crate) fn current_gossip(tx: &Transaction<'_>) -> Result<Option<Gossip>, Cor
 
 /// Stores the proven device list of an account.
 pub(crate) fn save_contact_devices(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     username: &str,
     entry: &DirectoryEntry,
 ) -> Result<(), CoreError> {
@@ -199,7 +194,7 @@ pub(crate) fn save_contact_devices(
 
 /// Whether `certificate` is a proven device of `username`.
 pub(crate) fn is_proven_device(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     username: &str,
     device: Uuid,
     certificate: &[u8],
