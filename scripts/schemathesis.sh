@@ -36,8 +36,11 @@ CHECKS="${SEALPOST_SCHEMATHESIS_CHECKS:-all}"
 EXCLUDE_CHECKS="${SEALPOST_SCHEMATHESIS_EXCLUDE_CHECKS:-positive_data_acceptance}"
 
 echo "== build"
-cargo build --quiet -p sealpost-server
-cargo build --quiet -p sealpost-core --example api_token
+# With the test build's features (`--tests`), so that after `cargo test --workspace` (as in
+# CI) nothing is compiled again; a plain `cargo build -p sealpost-server` resolves other
+# features for a dozen dependencies and rebuilds most of the tree (5 minutes on 2 cores).
+# The server binary then contains the `adversarial` hooks, inert unless a test sets them.
+cargo build --quiet --workspace --tests --bins --examples
 server_bin="$target_dir/debug/sealpost-server"
 token_bin="$target_dir/debug/examples/api_token"
 
