@@ -54,6 +54,9 @@ pub use super::writer::BatchStats;
 /// instead of waiting, whenever the other writer committed in between.
 pub(crate) const WRITE_TRANSACTION: &str = "BEGIN IMMEDIATE";
 
+/// Page size of a newly created database file.
+const DATABASE_PAGE_SIZE: u32 = 8192;
+
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
@@ -72,6 +75,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // 8 KiB pages for new databases (an existing one keeps its size): a batch of
+            // envelopes touches fewer pages, so fewer WAL frames and checkpoint writes; about
+            // 10% less server CPU per relayed message than 4 KiB here (docs/BENCHMARKS.md).
+            .page_size(DATABASE_PAGE_SIZE)
             .busy_timeout(Duration::from_secs(10));
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -981,6 +988,11 @@ mod tests {
             .await
             .unwrap();
         super::super::conformance::run_all(&store).await;
+        let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(page_size, i64::from(DATABASE_PAGE_SIZE));
         store.close().await;
     }
 

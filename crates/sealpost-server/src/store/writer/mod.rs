@@ -186,7 +186,7 @@ pub(crate) fn spawn(
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Checkpoint less often than SQLite's default of 1,000 pages: hot pages (indexes'
     // right edges, mailbox counters) are then copied back to the database once per
-    // checkpoint instead of many times. The WAL stays bounded (about 40 MiB).
+    // checkpoint instead of many times. The WAL stays bounded (about 80 MiB of 8 KiB pages).
     conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
     // Savepoints' statement journals in memory, not in temporary files.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
