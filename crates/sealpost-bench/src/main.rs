@@ -63,6 +63,10 @@ enum Command {
         window: usize,
         #[arg(long, default_value_t = 100)]
         decrypt_every: usize,
+        /// Timed runs per pair count, on the same server and population (fresh messages
+        /// each time); the JSON has every run.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
     /// Latency at fractions of the peak rate (measured first unless `--peak` is given),
     /// plotted into an SVG.
@@ -155,6 +159,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             size,
             window,
             decrypt_every,
+            repeat,
         } => {
             let mut results = Vec::new();
             for &p in pairs {
@@ -169,9 +174,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     decrypt_every: *decrypt_every,
                     timeout: Duration::from_secs(300),
                 };
-                let prepared = relay::prepare_all(&pairs, &relay)?;
-                results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
-                print_relay(&results);
+                for _ in 0..(*repeat).max(1) {
+                    let prepared = relay::prepare_all(&pairs, &relay)?;
+                    results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
+                    print_relay(&results);
+                }
             }
             write_json(&args.out.join("relay.json"), &results)
         }
