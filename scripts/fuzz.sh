@@ -13,7 +13,13 @@ if [ ${#targets[@]} -eq 0 ]; then
   mapfile -t targets < <(cargo fuzz list)
 fi
 export RUSTC_BOOTSTRAP=1
+# SEALPOST_FUZZ_BUILD=dev builds the cheap dev profile of fuzz/Cargo.toml (CI); the default
+# is cargo-fuzz's optimised release build.
+build=()
+if [ "${SEALPOST_FUZZ_BUILD:-release}" = dev ]; then
+  build=(--dev)
+fi
 for target in "${targets[@]}"; do
   echo "== fuzz $target for ${seconds}s"
-  cargo fuzz run --sanitizer none "$target" -- -max_total_time="$seconds" -rss_limit_mb=2048
+  cargo fuzz run "${build[@]}" --sanitizer none "$target" -- -max_total_time="$seconds" -rss_limit_mb=2048
 done
