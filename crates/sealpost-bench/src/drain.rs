@@ -88,7 +88,7 @@ pub async fn run(
                 first_envelope.get_or_insert_with(|| start.elapsed());
                 received += envelopes.len();
                 let ids = envelopes.iter().map(|e| e.id).collect();
-                tx.send(&ClientFrame::Ack { ids }).await?;
+                tx.send(&ClientFrame::Ack { ids, confirm: true }).await?;
             }
             Some(ServerFrame::Acked { removed: n }) => removed += n,
             Some(ServerFrame::Error { error }) => bail!("server error: {}", error.message),

@@ -90,7 +90,7 @@ pub async fn run(
                     _ = tick.tick() => {
                         if !pending.is_empty() {
                             let ids = std::mem::take(&mut pending);
-                            if tx.send(&ClientFrame::Ack { ids }).await.is_err() {
+                            if tx.send(&ClientFrame::Ack { ids, confirm: false }).await.is_err() {
                                 break;
                             }
                         }

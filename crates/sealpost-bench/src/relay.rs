@@ -359,7 +359,11 @@ async fn receive(
                 tally.sample.push(envelope);
             }
         }
-        tx.send(&ClientFrame::Ack { ids }).await?;
+        tx.send(&ClientFrame::Ack {
+            ids,
+            confirm: false,
+        })
+        .await?;
     }
     Ok(tally)
 }

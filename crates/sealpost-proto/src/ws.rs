@@ -9,7 +9,11 @@
 //!   new envelope as soon as it is durable, in mailbox order, batched into
 //!   [`ServerFrame::Envelopes`] frames;
 //! - the client acknowledges with [`ClientFrame::Ack`] once it has durably processed
-//!   envelopes; the server answers [`ServerFrame::Acked`] when the deletion is durable;
+//!   envelopes; if the client asks for it (`confirm`), the server answers
+//!   [`ServerFrame::Acked`] when the deletion is durable, and otherwise only if the
+//!   deletion failed ([`ServerFrame::Error`]). A client loses nothing by not asking: an
+//!   envelope whose acknowledgement was lost is sent again and de-duplicated, so most
+//!   clients need no answer, and not sending one saves a frame per acknowledgement;
 //! - the client may send application messages with [`ClientFrame::Send`]; each is answered,
 //!   once durable, by [`ServerFrame::Sent`] or [`ServerFrame::SendFailed`] carrying the
 //!   client's `ref`. Handshake messages (commits, proposals) still go over HTTP.
@@ -28,7 +32,8 @@
 //! | type | frame | fields |
 //! |---|---|---|
 //! | `0x01` | [`ClientFrame::Send`] | ref `u64`, message id, group id, message |
-//! | `0x02` | [`ClientFrame::Ack`] | list of mailbox ids (`u64`) |
+//! | `0x02` | [`ClientFrame::Ack`] with `confirm` | list of mailbox ids (`u64`) |
+//! | `0x03` | [`ClientFrame::Ack`] without `confirm` | list of mailbox ids (`u64`) |
 //! | `0x81` | [`ServerFrame::Envelopes`] | list of envelopes: id `u64`, message id, group id, group seq `u64`, kind `u8`, server time `i64`, payload |
 //! | `0x82` | [`ServerFrame::Sent`] | ref `u64`, group seq `u64`, epoch `u64` |
 //! | `0x83` | [`ServerFrame::SendFailed`] | ref `u64`, error |
@@ -62,8 +67,10 @@ pub enum ClientFrame {
         message_id: Uuid,
         message: Bytes64,
     },
-    /// Envelopes processed durably; the server may forget them.
-    Ack { ids: Vec<u64> },
+    /// Envelopes processed durably; the server may forget them. With `confirm` the server
+    /// answers [`ServerFrame::Acked`] once the deletion is durable; without, it answers
+    /// only a failure.
+    Ack { ids: Vec<u64>, confirm: bool },
 }
 
 /// Frames the server sends on a push-mode socket.
@@ -78,7 +85,7 @@ pub enum ServerFrame {
     },
     /// A [`ClientFrame::Send`] was refused.
     SendFailed { reference: u64, error: ErrorDetail },
-    /// An [`ClientFrame::Ack`] is durable; `removed` envelopes were deleted.
+    /// A [`ClientFrame::Ack`] with `confirm` is durable; `removed` envelopes were deleted.
     Acked { removed: u64 },
     /// A frame could not be used; the socket stays open unless the error says otherwise.
     Error { error: ErrorDetail },
@@ -109,6 +116,7 @@ pub enum FrameError {
 
 const SEND: u8 = 0x01;
 const ACK: u8 = 0x02;
+const ACK_QUIETLY: u8 = 0x03;
 const ENVELOPES: u8 = 0x81;
 const SENT: u8 = 0x82;
 const SEND_FAILED: u8 = 0x83;
@@ -133,9 +141,9 @@ impl ClientFrame {
                 out.short(group_id)?;
                 out.long(message.as_ref())?;
             }
-            Self::Ack { ids } => {
+            Self::Ack { ids, confirm } => {
                 out.reserve(1 + 4 + 8 * ids.len());
-                out.u8(ACK);
+                out.u8(if *confirm { ACK } else { ACK_QUIETLY });
                 out.count(ids.len())?;
                 for id in ids {
                     out.u64(*id);
@@ -154,13 +162,16 @@ impl ClientFrame {
                 group_id: input.short()?,
                 message: Bytes64(input.long()?.to_vec()),
             },
-            ACK => {
+            kind @ (ACK | ACK_QUIETLY) => {
                 let n = input.count(8)?;
                 let mut ids = Vec::with_capacity(n);
                 for _ in 0..n {
                     ids.push(input.u64()?);
                 }
-                Self::Ack { ids }
+                Self::Ack {
+                    ids,
+                    confirm: kind == ACK,
+                }
             }
             other => return Err(FrameError::UnknownType(other)),
         };
@@ -430,8 +441,18 @@ mod tests {
                 message_id: Uuid::nil(),
                 message: Bytes64(vec![1, 2, 3]),
             },
-            ClientFrame::Ack { ids: vec![1, 2] },
-            ClientFrame::Ack { ids: vec![] },
+            ClientFrame::Ack {
+                ids: vec![1, 2],
+                confirm: true,
+            },
+            ClientFrame::Ack {
+                ids: vec![],
+                confirm: true,
+            },
+            ClientFrame::Ack {
+                ids: vec![3],
+                confirm: false,
+            },
         ]
     }
 
@@ -651,6 +672,7 @@ mod tests {
                 group_id in "\\PC{0,60}",
                 message in proptest::collection::vec(any::<u8>(), 0..2_000),
                 ids in proptest::collection::vec(any::<u64>(), 0..100),
+                confirm in any::<bool>(),
             ) {
                 let send = ClientFrame::Send {
                     reference,
@@ -659,7 +681,7 @@ mod tests {
                     message: Bytes64(message),
                 };
                 prop_assert_eq!(ClientFrame::decode(&send.encode().unwrap()).unwrap(), send);
-                let ack = ClientFrame::Ack { ids };
+                let ack = ClientFrame::Ack { ids, confirm };
                 prop_assert_eq!(ClientFrame::decode(&ack.encode().unwrap()).unwrap(), ack);
             }
 

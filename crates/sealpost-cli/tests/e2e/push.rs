@@ -127,7 +127,10 @@ async fn push_socket_carries_backlog_live_mail_acks_and_sends() {
 
     // Acknowledged envelopes are gone from the server.
     bob_tx
-        .send(&ClientFrame::Ack { ids: ids.clone() })
+        .send(&ClientFrame::Ack {
+            ids: ids.clone(),
+            confirm: true,
+        })
         .await
         .unwrap();
     loop {
@@ -157,8 +160,44 @@ async fn push_socket_carries_backlog_live_mail_acks_and_sends() {
     }
     let answer = send_text(&alice, "bob", "still works", &mut alice_tx, &mut alice_rx).await;
     assert!(matches!(answer, ServerFrame::Sent { .. }), "{answer:?}");
-    let (after, _) = next_applications(&mut bob_rx, 1).await;
+    let (after, after_ids) = next_applications(&mut bob_rx, 1).await;
     assert_eq!(texts(&bob.process_raw(&after[0]).unwrap()), ["still works"]);
+
+    // An acknowledgement without `confirm` deletes just the same and is not answered: the
+    // next frame Bob gets is the next message, not an `Acked`.
+    bob_tx
+        .send(&ClientFrame::Ack {
+            ids: after_ids,
+            confirm: false,
+        })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !bob.peek_mailbox().await.unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the quiet ack never took effect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let answer = send_text(
+        &alice,
+        "bob",
+        "after a quiet ack",
+        &mut alice_tx,
+        &mut alice_rx,
+    )
+    .await;
+    assert!(matches!(answer, ServerFrame::Sent { .. }), "{answer:?}");
+    match bob_rx.next().await.unwrap().unwrap() {
+        ServerFrame::Envelopes { envelopes } => {
+            assert_eq!(
+                texts(&bob.process_raw(&envelopes[0]).unwrap()),
+                ["after a quiet ack"]
+            );
+        }
+        other => panic!("expected the next envelopes, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,8 +172,9 @@ async fn run_wake(mut socket: WebSocket, state: &AppState, device: Uuid) {
     state.notifier.release(device);
 }
 
-/// An answer to a client frame, computed off the socket task's hands.
-type Pending = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
+/// The answer to a client frame, computed off the socket task's hands; `None` when the
+/// frame wants none (an acknowledgement without `confirm` that succeeded).
+type Pending = Pin<Box<dyn Future<Output = Option<ServerFrame>> + Send>>;
 
 /// The state of one push-mode socket.
 struct PushSession<'a> {
@@ -226,7 +227,9 @@ impl PushSession<'_> {
                     return Ok(());
                 }
                 Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
-                    self.feed(push_frame(&answer)).await?;
+                    if let Some(answer) = answer {
+                        self.feed(push_frame(&answer)).await?;
+                    }
                 }
                 push = subscription.queue.recv() => {
                     let Some(first) = push else { return Ok(()) };
@@ -242,7 +245,9 @@ impl PushSession<'_> {
             loop {
                 let mut busy = false;
                 while let Some(Some(answer)) = in_flight.next().now_or_never() {
-                    self.feed(push_frame(&answer)).await?;
+                    if let Some(answer) = answer {
+                        self.feed(push_frame(&answer)).await?;
+                    }
                     busy = true;
                 }
                 if let Ok(push) = subscription.queue.try_recv() {
@@ -386,7 +391,7 @@ async fn handle(state: &AppState, device: &DeviceRecord, bytes: &[u8]) -> Pendin
         Ok(frame) => frame,
         Err(err) => {
             let error = ApiError::bad_request(format!("invalid frame: {err}")).detail();
-            return Box::pin(async move { ServerFrame::Error { error } });
+            return Box::pin(async move { Some(ServerFrame::Error { error }) });
         }
     };
     match frame {
@@ -417,23 +422,23 @@ async fn handle(state: &AppState, device: &DeviceRecord, bytes: &[u8]) -> Pendin
                     Ok(answer) => answer.await,
                     Err(err) => Err(err),
                 };
-                match result {
+                Some(match result {
                     Ok(result) => ServerFrame::Sent { reference, result },
                     Err(err) => ServerFrame::SendFailed {
                         reference,
                         error: err.detail(),
                     },
-                }
+                })
             })
         }
-        ClientFrame::Ack { ids } => {
+        ClientFrame::Ack { ids, confirm } => {
             let limited = state.rate_limits.check_account(&device.username);
             let device = device.device_id;
             Box::pin(async move {
                 if let Err(err) = limited {
-                    return ServerFrame::Error {
+                    return Some(ServerFrame::Error {
                         error: err.detail(),
-                    };
+                    });
                 }
                 if ids.len() > limits::ACK_MAX_IDS {
                     let error = ApiError::new(
@@ -441,13 +446,13 @@ async fn handle(state: &AppState, device: &DeviceRecord, bytes: &[u8]) -> Pendin
                         format!("at most {} ids per acknowledgement", limits::ACK_MAX_IDS),
                     )
                     .detail();
-                    return ServerFrame::Error { error };
+                    return Some(ServerFrame::Error { error });
                 }
                 match state.store.ack(device, &ids).await {
-                    Ok(removed) => ServerFrame::Acked { removed },
-                    Err(err) => ServerFrame::Error {
+                    Ok(removed) => confirm.then_some(ServerFrame::Acked { removed }),
+                    Err(err) => Some(ServerFrame::Error {
                         error: ApiError::from(err).detail(),
-                    },
+                    }),
                 }
             })
         }
