@@ -3,8 +3,8 @@
 //! The writer commits each batch with `synchronous=NORMAL`: SQLite has written the batch's
 //! WAL frames when the commit returns, but has not waited for the disk. This thread then
 //! calls `fdatasync` on the WAL file, and only after that returns does it publish the
-//! batch: it raises the [`DurableMark`], hands the new envelopes to the sockets and
-//! answers the batch's requests. Meanwhile the writer already applies the next batch, so
+//! batch: it raises the [`DurableMark`], answers the batch's requests and hands the new
+//! envelopes to the sockets. Meanwhile the writer already applies the next batch, so
 //! the CPU work of one batch overlaps the disk flush of the one before, and one flush
 //! covers every batch committed while the previous flush was under way.
 //!
@@ -131,8 +131,9 @@ fn publish(
     if let Some(position) = last_position {
         mark.raise(position);
     }
-    hook.deliver(&answers);
+    let deliveries = hook.collect(&answers);
     for answer in answers {
         answer.send();
     }
+    hook.deliver(&deliveries);
 }
