@@ -17,6 +17,7 @@
 //! `sqlx`; the two writers take SQLite's write lock in turn (`busy_timeout`).
 
 mod cache;
+mod checkpoint;
 pub mod durability;
 mod sequence;
 
@@ -38,6 +39,11 @@ use super::{Delivery, SequenceOutcome, SequenceRequest, StoreError};
 
 /// Most jobs one transaction carries.
 pub const MAX_BATCH: usize = 512;
+
+/// WAL pages at which the writer checkpoints by itself: only when the checkpoint thread
+/// ([`checkpoint`]) has fallen this far behind (about 240 MiB of 8 KiB pages; at full load
+/// the WAL grows by less than 60 MiB a second).
+const BACKSTOP_PAGES: i64 = 30_000;
 
 /// Counters of the group-commit writer.
 #[derive(Default)]
@@ -200,10 +206,9 @@ pub(crate) fn spawn(
     // it before anything is answered (see `durability`).
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Checkpoint less often than SQLite's default of 1,000 pages: hot pages (indexes'
-    // right edges, mailbox counters) are then copied back to the database once per
-    // checkpoint instead of many times. The WAL stays bounded (about 80 MiB of 8 KiB pages).
-    conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+    // Checkpoints run on their own thread (`checkpoint`), not inside this thread's
+    // commits; this is the backstop if that thread falls far behind.
+    conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_PAGES)?;
     // Savepoints' statement journals in memory, not in temporary files.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // The pages a batch touches (index right edges, mailbox and group pages) stay cached
@@ -234,9 +239,10 @@ pub(crate) fn spawn(
             .spawn(move || durability::run(wal, flush, to_publish, mark, hook, stats))
             .map_err(|_| StoreError::Invalid("cannot start the durability thread"))?;
     }
+    let checkpointer = checkpoint::spawn(path)?;
     std::thread::Builder::new()
         .name("sealpost-writer".into())
-        .spawn(move || run(conn, receiver, &stats, &committed))
+        .spawn(move || run(conn, receiver, &stats, &committed, checkpointer))
         .map_err(|_| StoreError::Invalid("cannot start the writer thread"))?;
     Ok((jobs, mark))
 }
@@ -246,6 +252,7 @@ fn run(
     mut jobs: mpsc::Receiver<Job>,
     stats: &BatchStats,
     committed: &std::sync::mpsc::SyncSender<Committed>,
+    checkpointer: checkpoint::Checkpointer,
 ) {
     let mut cache = Cache::default();
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -280,6 +287,7 @@ fn run(
             if committed.send(Committed::Close(done)).is_ok() {
                 let _ = published.recv();
             }
+            checkpointer.stop();
             drop(conn);
             // Jobs after a Close are dropped: their callers see "the store is closed".
             for job in rest {

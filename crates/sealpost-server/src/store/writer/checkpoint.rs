@@ -1,0 +1,125 @@
+//! WAL checkpoints, off the writer thread.
+//!
+//! A checkpoint copies the pages the WAL holds back into the database file and syncs it,
+//! after which SQLite starts the WAL over. Left to SQLite, the connection whose commit
+//! pushes the WAL past `wal_autocheckpoint` pages runs it inside that commit: on the
+//! writer thread, where it stalls every send and acknowledgement behind it for as long as
+//! copying a few thousand pages and an `fsync` of the database take (tens of
+//! milliseconds on a virtual disk) — the worst latencies of the relay benchmarks.
+//!
+//! This thread has its own connection and runs a `PASSIVE` checkpoint every
+//! [`INTERVAL`]: a passive checkpoint copies what was committed when it began and takes
+//! no lock that a writer waits for, so commits go on while it runs. A checkpoint with
+//! nothing new to copy returns at once, so an idle server does no work here. The writer's
+//! own `wal_autocheckpoint` stays as a backstop ([`super::BACKSTOP_PAGES`]), reached only
+//! when this thread falls far behind (a saturated core, a stalled disk).
+//!
+//! Durability is unchanged: SQLite syncs the WAL before it copies anything back, and
+//! what this connection reads is only committed data.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::store::StoreError;
+
+/// Time between checkpoints.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+
+/// The running checkpoint thread; [`Checkpointer::stop`] ends it (dropping it does too,
+/// without waiting).
+pub(super) struct Checkpointer {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Stops the thread and waits until its connection is closed.
+    pub(super) fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
+/// Opens the checkpoint connection on the database at `path` and starts its thread.
+pub(super) fn spawn(path: &Path) -> Result<Checkpointer, StoreError> {
+    let conn = Connection::open(path)?;
+    // The checkpoint syncs the WAL before copying and the database after; it never waits
+    // for the writer (passive), but SQLite's own locks may be held a moment by another
+    // connection's checkpoint.
+    conn.busy_timeout(Duration::from_secs(1))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // This connection writes nothing, so it never checkpoints on its own.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    let (stop, stopped) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("sealpost-checkpoint".into())
+        .spawn(move || run(&conn, &stopped))
+        .map_err(|_| StoreError::Invalid("cannot start the checkpoint thread"))?;
+    Ok(Checkpointer { stop, thread })
+}
+
+fn run(conn: &Connection, stop: &Receiver<()>) {
+    loop {
+        match stop.recv_timeout(INTERVAL) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if let Err(err) = checkpoint(conn) {
+            // The next attempt (or the writer's backstop) catches up; nothing is lost.
+            tracing::warn!(error = %err, "WAL checkpoint failed");
+        }
+    }
+}
+
+/// Runs one passive checkpoint; returns the WAL's frames and how many are now copied back.
+fn checkpoint(conn: &Connection) -> Result<(i64, i64), rusqlite::Error> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get(1)?, row.get(2)?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A passive checkpoint from the second connection copies the writer's commits back
+    /// while the writer's connection stays open, and SQLite then restarts the WAL.
+    #[test]
+    fn copies_committed_pages_back_without_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let writer = Connection::open(&path).unwrap();
+        writer.pragma_update(None, "journal_mode", "WAL").unwrap();
+        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        writer
+            .execute_batch("CREATE TABLE t (x BLOB); INSERT INTO t VALUES (zeroblob(100000));")
+            .unwrap();
+        let checkpointer = Connection::open(&path).unwrap();
+        let (frames, copied) = checkpoint(&checkpointer).unwrap();
+        assert!(frames > 10, "the insert filled the WAL: {frames}");
+        assert_eq!(frames, copied);
+        // The next commit starts the WAL over: the log is short again.
+        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let (frames, copied) = checkpoint(&checkpointer).unwrap();
+        assert!(frames <= 3, "the WAL was not restarted: {frames} frames");
+        assert_eq!(frames, copied);
+        // Nothing new: nothing to do.
+        assert_eq!(checkpoint(&checkpointer).unwrap(), (frames, frames));
+    }
+
+    #[test]
+    fn stops_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "journal_mode", "WAL")
+            .unwrap();
+        // Returns (rather than hanging for a checkpoint interval or forever).
+        spawn(&path).unwrap().stop();
+    }
+}
