@@ -118,6 +118,19 @@ impl SqliteStore {
         super::akd_sqlite::AkdSqliteStorage::new(self.writer.clone(), self.reader.clone())
     }
 
+    /// Drops the ciphertext of every message whose envelopes are all gone, now rather
+    /// than in the writer's next sweep (which runs a few seconds behind); returns how many.
+    pub async fn sweep_delivered(&self) -> Result<u64, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        self.batcher
+            .send(Job::Sweep(Some(answer)))
+            .await
+            .map_err(|_| StoreError::Invalid("the store is closed"))?;
+        answered
+            .await
+            .map_err(|_| StoreError::Invalid("the store is closed"))?
+    }
+
     /// Stops the writer thread after the jobs it has, and closes both pools, checkpointing
     /// the WAL.
     pub async fn close(&self) {
@@ -251,15 +264,14 @@ async fn delete_device(conn: &mut SqliteConnection, device_id: Uuid) -> Result<(
     if let Some(owner) = owner {
         mark_kt_pending(conn, &owner).await?;
     }
-    // The device's envelopes go, and each is counted off its message (the last
-    // recipient to go drops the ciphertext).
+    // The device's envelopes go, and a message with none left loses its ciphertext.
     let messages: Vec<i64> =
         sqlx::query_scalar("DELETE FROM mailbox WHERE device_id = ? RETURNING message")
             .bind(id)
             .fetch_all(&mut *conn)
             .await?;
     for message in messages {
-        sqlx::query(super::writer::FORGET_ONE_RECIPIENT)
+        sqlx::query(super::writer::FORGET_IF_DELIVERED)
             .bind(message)
             .execute(&mut *conn)
             .await?;
@@ -865,8 +877,9 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<(Vec<Envelope>, bool), StoreError> {
         let rows = sqlx::query(
-            "SELECT b.seq, m.message_id, m.group_id, m.group_seq, m.kind, m.server_time, m.payload \
+            "SELECT b.seq, m.message_id, m.group_id, m.group_seq, m.kind, m.server_time, p.payload \
              FROM mailbox b JOIN messages m ON m.id = b.message \
+             LEFT JOIN payloads p ON p.id = m.id \
              WHERE b.device_id = ? AND b.seq > ? AND b.seq <= ? ORDER BY b.seq LIMIT ?",
         )
         .bind(device_id.as_bytes().as_slice())
@@ -942,6 +955,10 @@ impl Store for SqliteStore {
                 );
             }
             sqlx::query("DELETE FROM messages WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM payloads WHERE id = ?")
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
@@ -1293,6 +1310,108 @@ mod tests {
         store.close().await;
     }
 
+    /// The ciphertexts the store holds, by message row.
+    async fn payload_rows(store: &SqliteStore) -> Vec<i64> {
+        sqlx::query_scalar("SELECT id FROM payloads ORDER BY id")
+            .fetch_all(&store.reader)
+            .await
+            .unwrap()
+    }
+
+    /// A ciphertext stays while any envelope of its message is in a mailbox and goes in
+    /// the sweep after the last is acknowledged; once its range was swept, the last
+    /// acknowledgement (or the removal of the last recipient's device) drops it at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivered_ciphertexts_are_swept_and_late_ones_dropped_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let group = "a7".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        let c = device(&store, "carol").await;
+        let mut add = request(&group, a, EnvelopeKind::Commit, 1);
+        add.added_devices = vec![c];
+        add.welcome = Some(b"welcome".to_vec());
+        store.sequence(add).await.unwrap();
+        // Every handshake so far is delivered and swept.
+        for device in [b, c] {
+            let ids: Vec<u64> = store
+                .fetch_mailbox(device, 10)
+                .await
+                .unwrap()
+                .0
+                .iter()
+                .map(|e| e.id)
+                .collect();
+            store.ack(device, &ids).await.unwrap();
+        }
+        store.sweep_delivered().await.unwrap();
+        assert!(payload_rows(&store).await.is_empty());
+
+        // To b and c; b acknowledges.
+        let first = store
+            .sequence(request(&group, a, EnvelopeKind::Application, 2))
+            .await
+            .unwrap();
+        let position = |device: Uuid| {
+            first
+                .deliveries
+                .iter()
+                .find(|d| d.device == device)
+                .unwrap()
+                .mailbox_id
+        };
+        let held = payload_rows(&store).await;
+        assert_eq!(held.len(), 1);
+        assert_eq!(store.ack(b, &[position(b)]).await.unwrap(), 1);
+        assert_eq!(
+            store.sweep_delivered().await.unwrap(),
+            0,
+            "c has not acknowledged"
+        );
+        assert_eq!(payload_rows(&store).await, held);
+        let (mail, _) = store.fetch_mailbox(c, 10).await.unwrap();
+        assert!(
+            !mail[0].payload.as_ref().is_empty(),
+            "c still gets the ciphertext"
+        );
+        // Swept while c held it: c's acknowledgement drops it without waiting for a sweep.
+        assert_eq!(store.ack(c, &[position(c)]).await.unwrap(), 1);
+        assert!(payload_rows(&store).await.is_empty());
+
+        // Acknowledged by both before any sweep: it stays until the sweep.
+        let second = store
+            .sequence(request(&group, a, EnvelopeKind::Application, 2))
+            .await
+            .unwrap();
+        for delivery in &second.deliveries {
+            store
+                .ack(delivery.device, &[delivery.mailbox_id])
+                .await
+                .unwrap();
+        }
+        assert_eq!(payload_rows(&store).await.len(), 1);
+        assert_eq!(store.sweep_delivered().await.unwrap(), 1);
+        assert!(payload_rows(&store).await.is_empty());
+
+        // Swept while both held it; then b acknowledges and c's device is removed.
+        let third = store
+            .sequence(request(&group, a, EnvelopeKind::Application, 2))
+            .await
+            .unwrap();
+        store.sweep_delivered().await.unwrap();
+        let to_b = third
+            .deliveries
+            .iter()
+            .find(|d| d.device == b)
+            .unwrap()
+            .mailbox_id;
+        store.ack(b, &[to_b]).await.unwrap();
+        assert_eq!(payload_rows(&store).await.len(), 1);
+        store.remove_device(c).await.unwrap();
+        assert!(payload_rows(&store).await.is_empty());
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn a_refused_commit_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -1403,12 +1522,17 @@ mod tests {
             vec![(1, vec![0xaa]), (2, vec![0xbb])]
         );
         assert_eq!(store.ack(b, &[1]).await.unwrap(), 1);
-        let payload: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT payload FROM messages WHERE group_seq = 1")
-                .fetch_one(&store.reader)
-                .await
-                .unwrap();
-        assert_eq!(payload, None, "the last recipient acknowledged the Welcome");
+        // The upgrade counts every older message as swept: the acknowledgement of the
+        // Welcome's last envelope drops its ciphertext itself.
+        let payloads: Vec<i64> = sqlx::query_scalar("SELECT id FROM payloads ORDER BY id")
+            .fetch_all(&store.reader)
+            .await
+            .unwrap();
+        assert_eq!(
+            payloads,
+            vec![2],
+            "the last recipient acknowledged the Welcome"
+        );
         // Position 3 was handed out before the upgrade: it is never used again.
         let mut next = request(&group, a, EnvelopeKind::Application, 1);
         next.mailbox_quota = 2;

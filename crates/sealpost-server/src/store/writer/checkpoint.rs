@@ -8,7 +8,7 @@
 //! milliseconds on a virtual disk) — the worst latencies of the relay benchmarks.
 //!
 //! This thread has its own connection and runs a `PASSIVE` checkpoint every
-//! [`INTERVAL`]: a passive checkpoint copies what was committed when it began and takes
+//! [`INTERVAL`] (and then tells the writer to sweep, see [`spawn`]): a passive checkpoint copies what was committed when it began and takes
 //! no lock that a writer waits for, so commits go on while it runs. A checkpoint with
 //! nothing new to copy returns at once, so an idle server does no work here. The writer's
 //! own `wal_autocheckpoint` stays as a backstop ([`super::BACKSTOP_PAGES`]), reached only
@@ -23,7 +23,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::Connection;
+use tokio::sync::mpsc::WeakSender;
 
+use super::Job;
 use crate::store::StoreError;
 
 /// Time between checkpoints.
@@ -44,8 +46,11 @@ impl Checkpointer {
     }
 }
 
-/// Opens the checkpoint connection on the database at `path` and starts its thread.
-pub(super) fn spawn(path: &Path) -> Result<Checkpointer, StoreError> {
+/// Opens the checkpoint connection on the database at `path` and starts its thread. After
+/// each checkpoint it also nudges the writer to sweep delivered ciphertexts
+/// ([`super::sweep`]), which an idle writer would not otherwise get round to; it holds the
+/// writer's queue only weakly, so a store nobody holds still shuts down.
+pub(super) fn spawn(path: &Path, writer: WeakSender<Job>) -> Result<Checkpointer, StoreError> {
     let conn = Connection::open(path)?;
     // The checkpoint syncs the WAL before copying and the database after; it never waits
     // for the writer (passive), but SQLite's own locks may be held a moment by another
@@ -57,12 +62,12 @@ pub(super) fn spawn(path: &Path) -> Result<Checkpointer, StoreError> {
     let (stop, stopped) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("sealpost-checkpoint".into())
-        .spawn(move || run(&conn, &stopped))
+        .spawn(move || run(&conn, &stopped, &writer))
         .map_err(|_| StoreError::Invalid("cannot start the checkpoint thread"))?;
     Ok(Checkpointer { stop, thread })
 }
 
-fn run(conn: &Connection, stop: &Receiver<()>) {
+fn run(conn: &Connection, stop: &Receiver<()>, writer: &WeakSender<Job>) {
     loop {
         match stop.recv_timeout(INTERVAL) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -72,6 +77,11 @@ fn run(conn: &Connection, stop: &Receiver<()>) {
             // The next attempt (or the writer's backstop) catches up; nothing is lost.
             tracing::warn!(error = %err, "WAL checkpoint failed");
         }
+        let Some(writer) = writer.upgrade() else {
+            return;
+        };
+        // A full queue means the writer is busy, and it sweeps after every batch anyway.
+        let _ = writer.try_send(Job::Sweep(None));
     }
 }
 
@@ -119,7 +129,8 @@ mod tests {
             .unwrap()
             .pragma_update(None, "journal_mode", "WAL")
             .unwrap();
+        let (writer, _jobs) = tokio::sync::mpsc::channel(1);
         // Returns (rather than hanging for a checkpoint interval or forever).
-        spawn(&path).unwrap().stop();
+        spawn(&path, writer.downgrade()).unwrap().stop();
     }
 }

@@ -20,6 +20,7 @@ mod cache;
 mod checkpoint;
 pub mod durability;
 mod sequence;
+mod sweep;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,10 +32,11 @@ use sealpost_proto::api::EnvelopeKind;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-pub(crate) use self::sequence::FORGET_ONE_RECIPIENT;
+pub(crate) use self::sweep::FORGET_IF_DELIVERED;
 
 use self::cache::Cache;
 use self::durability::{Committed, DurableMark};
+use self::sweep::Sweeper;
 use super::{Delivery, SequenceOutcome, SequenceRequest, StoreError};
 
 /// Most jobs one transaction carries.
@@ -138,6 +140,9 @@ pub(crate) enum Job {
     },
     /// Finish the jobs before this one, close the connection and stop.
     Close(oneshot::Sender<()>),
+    /// Drop the ciphertexts of delivered messages ([`sweep`]): `None` is the periodic
+    /// tick, which sweeps what is due; `Some` sweeps everything now and answers.
+    Sweep(Option<oneshot::Sender<Result<u64, StoreError>>>),
 }
 
 /// What one job produced inside the transaction.
@@ -239,70 +244,127 @@ pub(crate) fn spawn(
             .spawn(move || durability::run(wal, flush, to_publish, mark, hook, stats))
             .map_err(|_| StoreError::Invalid("cannot start the durability thread"))?;
     }
-    let checkpointer = checkpoint::spawn(path)?;
+    let sweeper = Sweeper::load(&conn)?;
+    let checkpointer = checkpoint::spawn(path, jobs.downgrade())?;
+    let writer = Writer {
+        conn,
+        stats,
+        committed,
+        checkpointer,
+        sweeper,
+    };
     std::thread::Builder::new()
         .name("sealpost-writer".into())
-        .spawn(move || run(conn, receiver, &stats, &committed, checkpointer))
+        .spawn(move || writer.run(receiver))
         .map_err(|_| StoreError::Invalid("cannot start the writer thread"))?;
     Ok((jobs, mark))
 }
 
-fn run(
-    mut conn: Connection,
-    mut jobs: mpsc::Receiver<Job>,
-    stats: &BatchStats,
-    committed: &std::sync::mpsc::SyncSender<Committed>,
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    stats: Arc<BatchStats>,
+    committed: std::sync::mpsc::SyncSender<Committed>,
     checkpointer: checkpoint::Checkpointer,
-) {
-    let mut cache = Cache::default();
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = jobs.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    sweeper: Sweeper,
+}
+
+impl Writer {
+    fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let mut cache = Cache::default();
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = jobs.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
             }
-        }
-        let closing = batch
-            .iter()
-            .position(|job| matches!(job, Job::Close(_)))
-            .map(|at| batch.drain(at..).collect::<Vec<_>>());
-        if !batch.is_empty() {
-            let size = batch.len();
-            let published = commit_batch(&mut conn, &mut cache, std::mem::take(&mut batch));
-            stats.batches.fetch_add(1, Ordering::Relaxed);
-            stats.requests.fetch_add(size as u64, Ordering::Relaxed);
-            if let Some(observe) = stats.observer.get() {
-                observe(size);
+            let (sweeps, rest): (Vec<Job>, Vec<Job>) = std::mem::take(&mut batch)
+                .into_iter()
+                .partition(|job| matches!(job, Job::Sweep(_)));
+            batch = rest;
+            let closing = batch
+                .iter()
+                .position(|job| matches!(job, Job::Close(_)))
+                .map(|at| batch.drain(at..).collect::<Vec<_>>());
+            if !batch.is_empty() {
+                let size = batch.len();
+                let swept = self.sweeper.cursor();
+                let published = commit_batch(
+                    &mut self.conn,
+                    &mut cache,
+                    std::mem::take(&mut batch),
+                    swept,
+                );
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .requests
+                    .fetch_add(size as u64, Ordering::Relaxed);
+                if let Some(observe) = self.stats.observer.get() {
+                    observe(size);
+                }
+                if self.committed.send(published).is_err() {
+                    // The durability thread is gone; callers see "the store is closed".
+                    return;
+                }
             }
-            if committed.send(published).is_err() {
-                // The durability thread is gone; callers see "the store is closed".
+            self.sweep(sweeps);
+            if let Some(rest) = closing {
+                self.close(rest);
                 return;
             }
         }
-        if let Some(rest) = closing {
-            // Wait until everything before is published, then close the connection.
-            let (done, published) = std::sync::mpsc::sync_channel(1);
-            if committed.send(Committed::Close(done)).is_ok() {
-                let _ = published.recv();
+    }
+
+    /// Runs the sweep after a batch or on a tick, and answers the jobs that forced one.
+    fn sweep(&mut self, jobs: Vec<Job>) {
+        let answers: Vec<_> = jobs
+            .into_iter()
+            .filter_map(|job| match job {
+                Job::Sweep(answer) => answer,
+                _ => None,
+            })
+            .collect();
+        let result = self.sweeper.run(&mut self.conn, !answers.is_empty());
+        if let Err(err) = &result {
+            // The next sweep covers the range again; nothing is lost.
+            tracing::warn!(error = %err, "sweeping delivered ciphertexts failed");
+        }
+        for answer in answers {
+            let _ = answer.send(match &result {
+                Ok(dropped) => Ok(*dropped),
+                Err(err) => Err(StoreError::CommitFailed(err.to_string())),
+            });
+        }
+    }
+
+    /// Waits until everything before is published, then closes the connection.
+    fn close(self, rest: Vec<Job>) {
+        let (done, published) = std::sync::mpsc::sync_channel(1);
+        if self.committed.send(Committed::Close(done)).is_ok() {
+            let _ = published.recv();
+        }
+        self.checkpointer.stop();
+        drop(self.conn);
+        // Jobs after a Close are dropped: their callers see "the store is closed".
+        for job in rest {
+            if let Job::Close(answer) = job {
+                let _ = answer.send(());
             }
-            checkpointer.stop();
-            drop(conn);
-            // Jobs after a Close are dropped: their callers see "the store is closed".
-            for job in rest {
-                if let Job::Close(answer) = job {
-                    let _ = answer.send(());
-                }
-            }
-            return;
         }
     }
 }
 
 /// Applies a batch in one transaction and commits it (without waiting for the disk).
-fn commit_batch(conn: &mut Connection, cache: &mut Cache, mut batch: Vec<Job>) -> Committed {
-    let outcome = apply(conn, cache, &mut batch);
+fn commit_batch(
+    conn: &mut Connection,
+    cache: &mut Cache,
+    mut batch: Vec<Job>,
+    swept: i64,
+) -> Committed {
+    let outcome = apply(conn, cache, &mut batch, swept);
     let (results, wrote) = match outcome {
         Ok(results) => (Ok(results), true),
         Err(err) => {
@@ -340,7 +402,7 @@ fn commit_batch(conn: &mut Connection, cache: &mut Cache, mut batch: Vec<Job>) -
                         answers.push(Answer::Sequence(channel, Err(failed())));
                     }
                     Job::Ack { answer, .. } => answers.push(Answer::Ack(answer, Err(failed()))),
-                    Job::Close(_) => {}
+                    Job::Close(_) | Job::Sweep(_) => {}
                 }
             }
         }
@@ -354,10 +416,12 @@ fn commit_batch(conn: &mut Connection, cache: &mut Cache, mut batch: Vec<Job>) -
 
 /// Runs every job of the batch in one transaction. `Err` means the transaction failed as
 /// a whole: nothing of it was kept and every job gets the error.
+/// `swept` is the sweep's cursor (see [`sweep`]).
 fn apply(
     conn: &mut Connection,
     cache: &mut Cache,
     batch: &mut [Job],
+    swept: i64,
 ) -> Result<Vec<Done>, StoreError> {
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     cache.begin(&tx)?;
@@ -375,7 +439,9 @@ fn apply(
                     result => Done::Sequence(result),
                 }
             }
-            Job::Ack { device, ids, .. } => Done::Ack(Ok(sequence::ack(&tx, cache, *device, ids)?)),
+            Job::Ack { device, ids, .. } => {
+                Done::Ack(Ok(sequence::ack(&tx, cache, *device, ids, swept)?))
+            }
             // Handshake messages may be refused half-way (an unknown or duplicate added
             // device): they run under a savepoint that a refusal rolls back, and the
             // cache forgets what they changed.
@@ -396,7 +462,7 @@ fn apply(
                     }
                 }
             }
-            Job::Close(_) => continue,
+            Job::Close(_) | Job::Sweep(_) => continue,
         };
         results.push(done);
     }

@@ -15,6 +15,7 @@ use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 use super::cache::Cache;
+use super::sweep::FORGET_IF_DELIVERED;
 use crate::store::{Delivery, SequenceOutcome, SequenceRequest, StoreError, StoredMessage};
 
 /// Sequences one request (see `Store::sequence`). Application messages check everything
@@ -215,13 +216,11 @@ fn insert_message(
     recipients: usize,
     first_position: i64,
 ) -> Result<Option<i64>, StoreError> {
-    // A message nobody else receives keeps no ciphertext.
-    let payload = (recipients > 0).then_some(payload);
     let inserted = tx
         .prepare_cached(
             "INSERT INTO messages (group_id, message_id, kind, group_seq, epoch_after, \
-             payload_hash, payload, pending, first_seq, last_seq, server_time, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+             payload_hash, first_seq, last_seq, server_time, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )?
         .execute(params![
             request.group_id,
@@ -230,14 +229,21 @@ fn insert_message(
             group_seq,
             epoch_after,
             hash,
-            payload,
-            recipients as i64,
             first_position,
             first_position + recipients as i64 - 1,
             request.now,
             request.expires_at,
         ])?;
-    Ok((inserted == 1).then(|| tx.last_insert_rowid()))
+    if inserted != 1 {
+        return Ok(None);
+    }
+    let row = tx.last_insert_rowid();
+    // A message nobody else receives keeps no ciphertext.
+    if recipients > 0 {
+        tx.prepare_cached("INSERT INTO payloads (id, payload) VALUES (?, ?)")?
+            .execute(params![row, payload])?;
+    }
+    Ok(Some(row))
 }
 
 /// Puts a message into each device's mailbox, at the positions from `first_position`,
@@ -337,21 +343,19 @@ fn previous_answer(
     }))
 }
 
-/// Counts one recipient off a message; the last one drops its ciphertext.
-pub(crate) const FORGET_ONE_RECIPIENT: &str = "UPDATE messages SET pending = pending - 1, \
-     payload = CASE WHEN pending <= 1 THEN NULL ELSE payload END WHERE id = ?";
-
-/// Deletes acknowledged envelopes of `device`; a message whose every recipient has it
-/// loses its ciphertext (the row stays until it expires, for idempotency).
+/// Deletes acknowledged envelopes of `device`. A message whose every recipient has it
+/// loses its ciphertext: in the next sweep ([`super::sweep`]), or here if its id is at or
+/// below `swept`, the sweep's cursor (the row stays until it expires, for idempotency).
 pub(super) fn ack(
     tx: &Connection,
     cache: &mut Cache,
     device: Uuid,
     ids: &[u64],
+    swept: i64,
 ) -> Result<u64, StoreError> {
     let mut delete =
         tx.prepare_cached("DELETE FROM mailbox WHERE seq = ? AND device_id = ? RETURNING message")?;
-    let mut forget = tx.prepare_cached(FORGET_ONE_RECIPIENT)?;
+    let mut forget = tx.prepare_cached(FORGET_IF_DELIVERED)?;
     let mut removed = 0;
     for id in ids {
         let Ok(seq) = i64::try_from(*id) else {
@@ -362,7 +366,9 @@ pub(super) fn ack(
             .optional()?;
         let Some(message) = message else { continue };
         removed += 1;
-        forget.execute([message])?;
+        if message <= swept {
+            forget.execute([message])?;
+        }
     }
     if removed > 0 {
         cache.add_to_count(tx, device, -removed)?;

@@ -1,0 +1,123 @@
+//! Dropping the ciphertexts of delivered messages, in ranges rather than one by one.
+//!
+//! A message's ciphertext (a row of `payloads`) is kept while any of its envelopes is in a
+//! mailbox, and not after: the server should hold no more than it must. Dropping it the
+//! moment the last envelope is acknowledged cost a page write per acknowledgement, because
+//! acknowledgements come in no order that matches where the rows lie. So an
+//! acknowledgement only deletes its mailbox row, and this sweep, [`LAG`] behind, deletes
+//! the ciphertexts of a whole range of message ids at once: every message of the range
+//! whose envelopes are all gone. The rows of a range lie together, so whole pages empty
+//! and go to the free list instead of being rewritten.
+//!
+//! Messages up to the sweep's cursor (kept in `counters` as `payloads_swept`) were swept
+//! already; one that still had an envelope then (a device was offline) loses its
+//! ciphertext when that envelope goes ([`forget_if_delivered`], called for every
+//! acknowledgement behind the cursor and for every removed device's envelope).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
+
+use crate::store::StoreError;
+
+/// How long after a message is stored its range is swept: long enough that nearly every
+/// online recipient has acknowledged it, so that nearly every row of a range goes at once.
+pub const LAG: Duration = Duration::from_secs(2);
+
+/// How often the newest message id is noted as a future sweep bound.
+const MARK_EVERY: Duration = Duration::from_millis(100);
+
+/// Drops a message's ciphertext if none of its envelopes is left.
+pub(crate) const FORGET_IF_DELIVERED: &str = "DELETE FROM payloads WHERE id = ?1 AND NOT EXISTS \
+     (SELECT 1 FROM messages m JOIN mailbox b ON b.seq BETWEEN m.first_seq AND m.last_seq \
+      WHERE m.id = ?1)";
+
+/// Drops the ciphertexts of the messages in an id range whose envelopes are all gone.
+const SWEEP_RANGE: &str = "DELETE FROM payloads WHERE id > ?1 AND id <= ?2 AND NOT EXISTS \
+     (SELECT 1 FROM messages m JOIN mailbox b ON b.seq BETWEEN m.first_seq AND m.last_seq \
+      WHERE m.id = payloads.id)";
+
+/// The writer's sweep state.
+#[derive(Debug)]
+pub(super) struct Sweeper {
+    /// Messages up to this id have been swept.
+    cursor: i64,
+    /// (when, the newest message id then), oldest first.
+    marks: VecDeque<(Instant, i64)>,
+}
+
+impl Sweeper {
+    /// Reads the cursor (the writer's connection, before its first batch).
+    pub fn load(conn: &Connection) -> Result<Self, StoreError> {
+        let cursor: Option<i64> = conn
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'payloads_swept'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(Self {
+            cursor: cursor.unwrap_or(0),
+            marks: VecDeque::new(),
+        })
+    }
+
+    /// Messages up to this id were swept: an acknowledgement of one of them must drop its
+    /// ciphertext itself if it was the last envelope.
+    pub fn cursor(&self) -> i64 {
+        self.cursor
+    }
+
+    /// Called after every commit and on every tick: notes the newest message id now and
+    /// then, and sweeps up to the newest one noted at least [`LAG`] ago. With `all`, sweeps
+    /// every message now (tests; nothing else needs it). Returns the ciphertexts dropped.
+    pub fn run(&mut self, conn: &mut Connection, all: bool) -> Result<u64, StoreError> {
+        let now = Instant::now();
+        let newest = || -> Result<i64, StoreError> {
+            Ok(
+                conn.query_row("SELECT COALESCE(MAX(id), 0) FROM messages", [], |row| {
+                    row.get(0)
+                })?,
+            )
+        };
+        let mut upto = None;
+        if all {
+            upto = Some(newest()?);
+            self.marks.clear();
+        } else {
+            if self
+                .marks
+                .back()
+                .is_none_or(|(at, _)| now.duration_since(*at) >= MARK_EVERY)
+            {
+                let id = newest()?;
+                self.marks.push_back((now, id));
+            }
+            while let Some(&(at, id)) = self.marks.front() {
+                if now.duration_since(at) < LAG {
+                    break;
+                }
+                upto = Some(id);
+                self.marks.pop_front();
+            }
+        }
+        let Some(upto) = upto.filter(|upto| *upto > self.cursor) else {
+            return Ok(0);
+        };
+        // Its own transaction, committed without waiting for the disk: if a crash takes it
+        // back, the cursor goes back with it and the range is swept again.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let dropped = tx
+            .prepare_cached(SWEEP_RANGE)?
+            .execute(params![self.cursor, upto])?;
+        tx.prepare_cached(
+            "INSERT INTO counters (name, value) VALUES ('payloads_swept', ?) \
+             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        )?
+        .execute([upto])?;
+        tx.commit()?;
+        self.cursor = upto;
+        Ok(dropped as u64)
+    }
+}
