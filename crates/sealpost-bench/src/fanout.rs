@@ -32,6 +32,9 @@ pub struct FanoutResult {
     pub accepted_to_last_ms: Percentiles,
     /// From writing the message to the server's acceptance reaching the sender.
     pub send_to_accepted_ms: Percentiles,
+    /// From the first member having the message to the last: the spread of the delivery
+    /// itself, which no ordering of the sender's answer can hide.
+    pub first_to_last_ms: Percentiles,
 }
 
 pub async fn run(
@@ -104,6 +107,7 @@ pub async fn run(
 
     let rounds_done = async {
         let (mut to_last, mut accepted_to_last, mut to_accepted) = (vec![], vec![], vec![]);
+        let mut first_to_last = vec![];
         for round in 0..rounds {
             let prepared = sender.prepare_texts(&tag, &["x".repeat(200)])?;
             let message = prepared.first().context("nothing was encrypted")?;
@@ -119,6 +123,7 @@ pub async fn run(
             let deadline = sent_at + timeout;
             let mut accepted_at = None;
             let mut last = sent_at;
+            let mut first: Option<Instant> = None;
             let mut have = 0;
             while have < members || accepted_at.is_none() {
                 tokio::select! {
@@ -133,6 +138,7 @@ pub async fn run(
                         if message_id == id {
                             have += 1;
                             last = last.max(at);
+                            first = Some(first.map_or(at, |first| first.min(at)));
                         }
                     },
                     () = tokio::time::sleep_until(deadline.into()) => {
@@ -145,6 +151,10 @@ pub async fn run(
             to_last.push(last.duration_since(sent_at).as_nanos() as u64);
             accepted_to_last.push(last.saturating_duration_since(accepted_at).as_nanos() as u64);
             to_accepted.push(accepted_at.duration_since(sent_at).as_nanos() as u64);
+            first_to_last.push(
+                last.saturating_duration_since(first.unwrap_or(last))
+                    .as_nanos() as u64,
+            );
             // Let the members acknowledge before the next round.
             tokio::time::sleep(2 * ACK_INTERVAL).await;
         }
@@ -155,6 +165,7 @@ pub async fn run(
             send_to_last_ms: Percentiles::of(&mut to_last),
             accepted_to_last_ms: Percentiles::of(&mut accepted_to_last),
             send_to_accepted_ms: Percentiles::of(&mut to_accepted),
+            first_to_last_ms: Percentiles::of(&mut first_to_last),
         })
     };
     // The listeners run until their sockets close, which ends with the bench.

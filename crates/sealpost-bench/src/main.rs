@@ -301,6 +301,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         format!("{:.2}", r.send_to_last_ms.max_ms),
                         format!("{:.2}", r.accepted_to_last_ms.p50_ms),
                         format!("{:.2}", r.accepted_to_last_ms.max_ms),
+                        format!("{:.2}", r.first_to_last_ms.p50_ms),
+                        format!("{:.2}", r.first_to_last_ms.max_ms),
                     ]
                 })
                 .collect();
@@ -313,6 +315,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "last max",
                     "accepted→last p50",
                     "accepted→last max",
+                    "first→last p50",
+                    "first→last max",
                 ],
                 &rows,
             );
