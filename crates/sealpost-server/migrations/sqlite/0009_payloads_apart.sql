@@ -6,9 +6,10 @@
 --   rewrote a different page of `messages`: at full load three quarters of the pages a
 --   transaction wrote to the WAL. Now an acknowledgement deletes only its mailbox row.
 -- * The writer drops, a few seconds behind, the ciphertexts of every message in a range of
---   ids whose envelopes are all gone. Whole pages of `payloads` empty at once and go to the
---   free list without being written again. A message that still had envelopes when its
---   range was swept (a device offline) loses its ciphertext when its last envelope goes.
+--   ids whose envelopes are all gone. The rows of a range lie together, so each page of
+--   `payloads` is rewritten once per sweep, not once per acknowledgement. A message that
+--   still had envelopes when its range was swept (a device offline) loses its ciphertext
+--   when its last envelope goes.
 -- * `pending` is gone: "no mailbox row between `first_seq` and `last_seq`" says the same.
 
 CREATE TABLE payloads (

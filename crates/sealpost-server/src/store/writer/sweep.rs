@@ -6,8 +6,8 @@
 //! acknowledgements come in no order that matches where the rows lie. So an
 //! acknowledgement only deletes its mailbox row, and this sweep, [`LAG`] behind, deletes
 //! the ciphertexts of a whole range of message ids at once: every message of the range
-//! whose envelopes are all gone. The rows of a range lie together, so whole pages empty
-//! and go to the free list instead of being rewritten.
+//! whose envelopes are all gone. The rows of a range lie together, so each page of
+//! ciphertexts is rewritten once per sweep (or emptied), not once per acknowledgement.
 //!
 //! Messages up to the sweep's cursor (kept in `counters` as `payloads_swept`) were swept
 //! already; one that still had an envelope then (a device was offline) loses its
