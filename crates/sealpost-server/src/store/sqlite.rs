@@ -1291,14 +1291,7 @@ mod tests {
         // Expiry empties the mailbox over the sqlx connection; the count follows.
         assert_eq!(store.expire(NOW + 101).await.unwrap(), 2);
         store.sequence(quota).await.unwrap();
-        let ids: Vec<u64> = store
-            .fetch_mailbox(b, 10)
-            .await
-            .unwrap()
-            .0
-            .iter()
-            .map(|e| e.id)
-            .collect();
+        let ids = mailbox_ids(&store, b).await;
         assert_eq!(ids.len(), 1);
         assert_eq!(store.ack(b, &ids).await.unwrap(), 1);
         let count: i64 = sqlx::query_scalar("SELECT n FROM mailbox_counts WHERE device_id = ?")
@@ -1308,6 +1301,12 @@ mod tests {
             .unwrap();
         assert_eq!(count, 0);
         store.close().await;
+    }
+
+    /// The positions in `device`'s mailbox (the first ten).
+    async fn mailbox_ids(store: &SqliteStore, device: Uuid) -> Vec<u64> {
+        let (envelopes, _) = store.fetch_mailbox(device, 10).await.unwrap();
+        envelopes.iter().map(|e| e.id).collect()
     }
 
     /// The ciphertexts the store holds, by message row.
@@ -1334,14 +1333,7 @@ mod tests {
         store.sequence(add).await.unwrap();
         // Every handshake so far is delivered and swept.
         for device in [b, c] {
-            let ids: Vec<u64> = store
-                .fetch_mailbox(device, 10)
-                .await
-                .unwrap()
-                .0
-                .iter()
-                .map(|e| e.id)
-                .collect();
+            let ids = mailbox_ids(&store, device).await;
             store.ack(device, &ids).await.unwrap();
         }
         store.sweep_delivered().await.unwrap();

@@ -281,10 +281,10 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let (sweeps, rest): (Vec<Job>, Vec<Job>) = std::mem::take(&mut batch)
-                .into_iter()
-                .partition(|job| matches!(job, Job::Sweep(_)));
-            batch = rest;
+            // Usually none: the batch is not copied and nothing is allocated for them.
+            let sweeps: Vec<Job> = batch
+                .extract_if(.., |job| matches!(job, Job::Sweep(_)))
+                .collect();
             let closing = batch
                 .iter()
                 .position(|job| matches!(job, Job::Close(_)))
