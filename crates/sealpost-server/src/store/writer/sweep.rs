@@ -121,3 +121,77 @@ impl Sweeper {
         Ok(dropped as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tables the sweep reads and writes, as the migrations leave them (the columns
+    /// it uses).
+    fn database() -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE messages (id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, \
+                 last_seq INTEGER NOT NULL);
+             CREATE TABLE mailbox (seq INTEGER PRIMARY KEY, device_id BLOB NOT NULL, \
+                 message INTEGER NOT NULL);
+             CREATE TABLE payloads (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+             CREATE TABLE counters (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+             INSERT INTO messages VALUES (1, 1, 1), (2, 2, 3);
+             INSERT INTO payloads VALUES (1, x'aa'), (2, x'bb');
+             INSERT INTO mailbox VALUES (3, x'01', 2);",
+        )
+        .unwrap();
+        conn
+    }
+
+    fn payloads(conn: &Connection) -> Vec<i64> {
+        let mut select = conn.prepare("SELECT id FROM payloads ORDER BY id").unwrap();
+        select
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// A range is swept only once it is `LAG` old; then every message of it with no
+    /// envelope left loses its ciphertext, and the cursor is kept across a restart.
+    #[test]
+    fn sweeps_a_range_once_it_is_old_enough() {
+        let mut conn = database();
+        let mut sweeper = Sweeper::load(&conn).unwrap();
+        assert_eq!(sweeper.cursor(), 0);
+        // Notes the newest id (2), but that is not yet `LAG` old.
+        assert_eq!(sweeper.run(&mut conn, false).unwrap(), 0);
+        assert_eq!(payloads(&conn), vec![1, 2]);
+        assert_eq!(sweeper.marks.len(), 1);
+
+        // The note ages past `LAG`.
+        let aged = Instant::now()
+            .checked_sub(LAG + Duration::from_secs(1))
+            .unwrap();
+        sweeper.marks[0].0 = aged;
+        assert_eq!(sweeper.run(&mut conn, false).unwrap(), 1);
+        // Message 2 still has an envelope at position 3.
+        assert_eq!(payloads(&conn), vec![2]);
+        assert_eq!(sweeper.cursor(), 2);
+        assert_eq!(Sweeper::load(&conn).unwrap().cursor(), 2);
+
+        // Behind the cursor, the last envelope's removal is what drops it.
+        conn.execute("DELETE FROM mailbox WHERE seq = 3", [])
+            .unwrap();
+        assert_eq!(sweeper.run(&mut conn, true).unwrap(), 0);
+        assert_eq!(payloads(&conn), vec![2]);
+        conn.execute(FORGET_IF_DELIVERED, [2]).unwrap();
+        assert!(payloads(&conn).is_empty());
+    }
+
+    /// While an envelope is left, the late path keeps the ciphertext.
+    #[test]
+    fn forget_if_delivered_keeps_what_is_still_waiting() {
+        let conn = database();
+        assert_eq!(conn.execute(FORGET_IF_DELIVERED, [2]).unwrap(), 0);
+        assert_eq!(conn.execute(FORGET_IF_DELIVERED, [1]).unwrap(), 1);
+        assert_eq!(payloads(&conn), vec![2]);
+    }
+}
