@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::population::{Pair, Prepared, prepare_interleaved, progress};
-use crate::report::Percentiles;
+use crate::report::{Percentiles, TimelineSlice};
 use crate::server::{ServerProcess, WriterCounters, own_cpu_seconds};
 
 #[derive(Debug, Clone)]
@@ -64,6 +64,8 @@ pub struct RelayResult {
     pub generator_cpu_seconds: f64,
     pub generator_cpu_us_per_message: f64,
     pub latency: Percentiles,
+    /// Latency by send time, to tell stalls from scattered waits.
+    pub timeline: Vec<TimelineSlice>,
     pub server_rss_bytes: u64,
     /// The server's writer during the timed part: transactions, the requests (sends and
     /// acknowledgements) they carried, and the WAL flushes that made them durable.
@@ -78,7 +80,8 @@ struct Ledger {
 
 #[derive(Default)]
 struct ReceiverTally {
-    latencies_ns: Vec<u64>,
+    /// `(sent_ns, latency_ns)` of every message delivered.
+    latencies_ns: Vec<(u64, u64)>,
     delivered: usize,
     duplicates: usize,
     sample: Vec<Envelope>,
@@ -212,6 +215,8 @@ pub async fn run(
         }
     }
     let per_message = |seconds: f64| seconds * 1e6 / delivered.max(1) as f64;
+    let timeline = TimelineSlice::of(&mut latencies);
+    let mut latencies: Vec<u64> = latencies.into_iter().map(|(_, latency)| latency).collect();
     Ok(RelayResult {
         mode: format!(
             "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part",
@@ -236,6 +241,7 @@ pub async fn run(
         generator_cpu_seconds: own_cpu,
         generator_cpu_us_per_message: per_message(own_cpu),
         latency: Percentiles::of(&mut latencies),
+        timeline,
         server_rss_bytes,
         writer,
     })
@@ -354,7 +360,7 @@ async fn receive(
             seen[i] = true;
             tally.delivered += 1;
             let sent = ledger.sent_at_ns[pair][i].load(Ordering::Relaxed);
-            tally.latencies_ns.push(now.saturating_sub(sent));
+            tally.latencies_ns.push((sent, now.saturating_sub(sent)));
             if decrypt_every > 0 && i % decrypt_every == 0 {
                 tally.sample.push(envelope);
             }

@@ -38,6 +38,40 @@ impl Percentiles {
     }
 }
 
+/// Latency by the time messages were sent, in slices of [`TimelineSlice::WIDTH_MS`]: shows
+/// whether the tail comes from stalls (a few slices where every message waits) or from
+/// scattered waits (every slice has a tail).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct TimelineSlice {
+    /// Start of the slice, ms after the timed part began.
+    pub start_ms: u64,
+    pub messages: usize,
+    pub p50_ms: f64,
+    pub max_ms: f64,
+}
+
+impl TimelineSlice {
+    pub const WIDTH_MS: u64 = 50;
+
+    /// The slices of `(sent_ns, latency_ns)` samples (sorted in place).
+    pub fn of(samples: &mut [(u64, u64)]) -> Vec<Self> {
+        samples.sort_unstable();
+        samples
+            .chunk_by(|a, b| a.0 / 1_000_000 / Self::WIDTH_MS == b.0 / 1_000_000 / Self::WIDTH_MS)
+            .map(|slice| {
+                let mut latencies: Vec<u64> = slice.iter().map(|s| s.1).collect();
+                let percentiles = Percentiles::of(&mut latencies);
+                Self {
+                    start_ms: slice[0].0 / 1_000_000 / Self::WIDTH_MS * Self::WIDTH_MS,
+                    messages: slice.len(),
+                    p50_ms: percentiles.p50_ms,
+                    max_ms: percentiles.max_ms,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Prints rows as an aligned table.
 pub fn print_table(title: &str, header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
