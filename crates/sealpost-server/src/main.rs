@@ -11,6 +11,13 @@ use sealpost_server::{Config, serve};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than the system allocator: the relay path makes several short-lived
+/// allocations per message (frames, envelopes, answers) on one thread and frees them on
+/// another, which glibc's allocator serves with lock traffic and chunk consolidation
+/// (see docs/BENCHMARKS.md for the measured difference).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Sealpost end-to-end encrypted messaging server.
 #[derive(Debug, Parser)]
 #[command(version, about)]
