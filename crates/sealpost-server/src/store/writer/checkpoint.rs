@@ -14,10 +14,23 @@
 //! own `wal_autocheckpoint` stays as a backstop ([`super::BACKSTOP_PAGES`]), reached only
 //! when this thread falls far behind (a saturated core, a stalled disk).
 //!
+//! A passive checkpoint alone never lets the WAL start over while commits keep coming:
+//! SQLite restarts the WAL only at a commit that finds every frame copied back, and the
+//! writer always adds frames while this thread copies. Measured at full load, the WAL then
+//! grew by ~80 MB a second until the backstop checkpointed a whole second of frames on the
+//! writer thread every ~3 s. So when a pass leaves a long WAL ([`RESTART_FRAMES`]), this
+//! thread raises a flag ([`Checkpointer::take_restart`]) and the writer, between two
+//! batches, copies back the few frames committed during the pass; its next commit then
+//! starts the WAL over. That costs the writer a short copy and two syncs a second under
+//! load, instead of a long stall every few seconds, and keeps the WAL (and the page cache
+//! it occupies) small.
+//!
 //! Durability is unchanged: SQLite syncs the WAL before it copies anything back, and
 //! what this connection reads is only committed data.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -31,14 +44,26 @@ use crate::store::StoreError;
 /// Time between checkpoints.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 
+/// WAL frames after a pass beyond which the writer is asked to finish the checkpoint (32
+/// MiB of 8 KiB pages; a busy server writes that in under half a second).
+pub const RESTART_FRAMES: i64 = 4_096;
+
 /// The running checkpoint thread; [`Checkpointer::stop`] ends it (dropping it does too,
 /// without waiting).
 pub(super) struct Checkpointer {
     stop: Sender<()>,
     thread: JoinHandle<()>,
+    restart: Arc<AtomicBool>,
 }
 
 impl Checkpointer {
+    /// True once after a pass that left the WAL longer than [`RESTART_FRAMES`]: the
+    /// writer should then run [`checkpoint`] itself, between batches, so that its next
+    /// commit starts the WAL over.
+    pub(super) fn take_restart(&self) -> bool {
+        self.restart.load(Ordering::Relaxed) && self.restart.swap(false, Ordering::AcqRel)
+    }
+
     /// Stops the thread and waits until its connection is closed.
     pub(super) fn stop(self) {
         drop(self.stop);
@@ -60,22 +85,30 @@ pub(super) fn spawn(path: &Path, writer: WeakSender<Job>) -> Result<Checkpointer
     // This connection writes nothing, so it never checkpoints on its own.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     let (stop, stopped) = std::sync::mpsc::channel();
+    let restart = Arc::new(AtomicBool::new(false));
+    let flag = restart.clone();
     let thread = std::thread::Builder::new()
         .name("sealpost-checkpoint".into())
-        .spawn(move || run(&conn, &stopped, &writer))
+        .spawn(move || run(&conn, &stopped, &writer, &flag))
         .map_err(|_| StoreError::Invalid("cannot start the checkpoint thread"))?;
-    Ok(Checkpointer { stop, thread })
+    Ok(Checkpointer {
+        stop,
+        thread,
+        restart,
+    })
 }
 
-fn run(conn: &Connection, stop: &Receiver<()>, writer: &WeakSender<Job>) {
+fn run(conn: &Connection, stop: &Receiver<()>, writer: &WeakSender<Job>, restart: &AtomicBool) {
     loop {
         match stop.recv_timeout(INTERVAL) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
-        if let Err(err) = checkpoint(conn) {
+        match checkpoint(conn) {
+            Ok((frames, _)) if frames >= RESTART_FRAMES => restart.store(true, Ordering::Release),
+            Ok(_) => {}
             // The next attempt (or the writer's backstop) catches up; nothing is lost.
-            tracing::warn!(error = %err, "WAL checkpoint failed");
+            Err(err) => tracing::warn!(error = %err, "WAL checkpoint failed"),
         }
         let Some(writer) = writer.upgrade() else {
             return;
@@ -86,7 +119,7 @@ fn run(conn: &Connection, stop: &Receiver<()>, writer: &WeakSender<Job>) {
 }
 
 /// Runs one passive checkpoint; returns the WAL's frames and how many are now copied back.
-fn checkpoint(conn: &Connection) -> Result<(i64, i64), rusqlite::Error> {
+pub(super) fn checkpoint(conn: &Connection) -> Result<(i64, i64), rusqlite::Error> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
         Ok((row.get(1)?, row.get(2)?))
     })
@@ -119,6 +152,46 @@ mod tests {
         assert_eq!(frames, copied);
         // Nothing new: nothing to do.
         assert_eq!(checkpoint(&checkpointer).unwrap(), (frames, frames));
+    }
+
+    /// A pass that leaves a long WAL raises the flag once; after the writer's own
+    /// checkpoint its next commit starts the WAL over. (That the writer's checkpoint is what
+    /// lets a busy writer's WAL start over is shown by the relay bench: see the WAL sizes in
+    /// docs/BENCHMARKS.md.)
+    #[test]
+    fn asks_the_writer_to_finish_a_long_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let writer = Connection::open(&path).unwrap();
+        writer.pragma_update(None, "journal_mode", "WAL").unwrap();
+        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        writer.execute_batch("CREATE TABLE t (x BLOB)").unwrap();
+        let page: i64 = writer
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .unwrap();
+        writer
+            .execute(
+                "INSERT INTO t VALUES (zeroblob(?1))",
+                [(RESTART_FRAMES + 100) * page],
+            )
+            .unwrap();
+        let (jobs, _queue) = tokio::sync::mpsc::channel(1);
+        let checkpointer = spawn(&path, jobs.downgrade()).unwrap();
+        let deadline = std::time::Instant::now() + 4 * INTERVAL;
+        while !checkpointer.take_restart() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no restart was asked for"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!checkpointer.take_restart(), "the flag is taken once");
+        let (frames, copied) = checkpoint(&writer).unwrap();
+        assert_eq!(frames, copied);
+        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let (frames, _) = checkpoint(&writer).unwrap();
+        assert!(frames <= 3, "the WAL did not start over: {frames} frames");
+        checkpointer.stop();
     }
 
     #[test]

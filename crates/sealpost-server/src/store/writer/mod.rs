@@ -311,6 +311,9 @@ impl Writer {
                 }
             }
             self.sweep(sweeps);
+            if self.checkpointer.take_restart() {
+                self.finish_checkpoint();
+            }
             if let Some(rest) = closing {
                 self.close(rest);
                 return;
@@ -337,6 +340,15 @@ impl Writer {
                 Ok(dropped) => Ok(*dropped),
                 Err(err) => Err(StoreError::CommitFailed(err.to_string())),
             });
+        }
+    }
+
+    /// Copies back what the checkpoint thread's last pass left (see [`checkpoint`]), so
+    /// that the next commit starts the WAL over instead of making it longer.
+    fn finish_checkpoint(&self) {
+        if let Err(err) = checkpoint::checkpoint(&self.conn) {
+            // The checkpoint thread's next pass asks again; nothing is lost.
+            tracing::warn!(error = %err, "finishing a WAL checkpoint failed");
         }
     }
 
