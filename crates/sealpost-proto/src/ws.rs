@@ -69,7 +69,7 @@ pub enum ClientFrame {
     },
     /// Envelopes processed durably; the server may forget them. With `confirm` the server
     /// answers [`ServerFrame::Acked`] once the deletion is durable; without, it answers
-    /// only a failure.
+    /// only a refusal, and a deletion that fails later leaves the envelopes to come again.
     Ack { ids: Vec<u64>, confirm: bool },
 }
 

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use sealpost_core::Client;
 use sealpost_core::transport::{PushReceiver, PushSender};
-use sealpost_proto::ErrorCode;
 use sealpost_proto::api::{Envelope, EnvelopeKind};
 use sealpost_proto::ws::{ClientFrame, ServerFrame};
+use sealpost_proto::{ErrorCode, limits};
 
 use crate::common::{Env, texts};
 
@@ -179,6 +179,18 @@ async fn push_socket_carries_backlog_live_mail_acks_and_sends() {
             "the quiet ack never took effect"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // One the server refuses at once is answered, and the socket stays usable.
+    bob_tx
+        .send(&ClientFrame::Ack {
+            ids: (1..=limits::ACK_MAX_IDS as u64 + 1).collect(),
+            confirm: false,
+        })
+        .await
+        .unwrap();
+    match bob_rx.next().await.unwrap().unwrap() {
+        ServerFrame::Error { error } => assert_eq!(error.code, ErrorCode::PayloadTooLarge),
+        other => panic!("expected an error, got {other:?}"),
     }
     let answer = send_text(
         &alice,

@@ -278,8 +278,9 @@ impl PushSession<'_> {
     ) -> Result<bool, End> {
         match inbound {
             Some(Ok(Message::Binary(bytes))) => {
-                let answer = handle(self.state, &self.device, &bytes).await;
-                in_flight.push_back(answer);
+                if let Some(answer) = handle(self.state, &self.device, &bytes).await {
+                    in_flight.push_back(answer);
+                }
             }
             Some(Ok(Message::Text(_))) => {
                 let error =
@@ -383,15 +384,21 @@ impl PushSession<'_> {
     }
 }
 
-/// Turns one client frame into the future of its answer. A send is queued for
-/// sequencing before this returns, so a socket's sends keep their order.
-async fn handle(state: &AppState, device: &DeviceRecord, bytes: &[u8]) -> Pending {
+/// An answer that is ready now, in its place among the socket's answers.
+fn ready(frame: ServerFrame) -> Option<Pending> {
+    Some(Box::pin(std::future::ready(Some(frame))))
+}
+
+/// Turns one client frame into the future of its answer; `None` when nothing will be
+/// answered (a quiet acknowledgement the store queued). A send or an acknowledgement is
+/// queued before this returns, so a socket's frames keep their order.
+async fn handle(state: &AppState, device: &DeviceRecord, bytes: &[u8]) -> Option<Pending> {
     let state = state.clone();
     let frame = match ClientFrame::decode(bytes) {
         Ok(frame) => frame,
         Err(err) => {
             let error = ApiError::bad_request(format!("invalid frame: {err}")).detail();
-            return Box::pin(async move { Some(ServerFrame::Error { error }) });
+            return ready(ServerFrame::Error { error });
         }
     };
     match frame {
@@ -417,7 +424,7 @@ async fn handle(state: &AppState, device: &DeviceRecord, bytes: &[u8]) -> Pendin
                 Ok(request) => groups::queue(&state, request).await,
                 Err(err) => Err(err),
             };
-            Box::pin(async move {
+            Some(Box::pin(async move {
                 let result = match queued {
                     Ok(answer) => answer.await,
                     Err(err) => Err(err),
@@ -429,32 +436,42 @@ async fn handle(state: &AppState, device: &DeviceRecord, bytes: &[u8]) -> Pendin
                         error: err.detail(),
                     },
                 })
-            })
+            }))
         }
         ClientFrame::Ack { ids, confirm } => {
-            let limited = state.rate_limits.check_account(&device.username);
+            if let Err(err) = state.rate_limits.check_account(&device.username) {
+                return ready(ServerFrame::Error {
+                    error: err.detail(),
+                });
+            }
+            if ids.len() > limits::ACK_MAX_IDS {
+                let error = ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("at most {} ids per acknowledgement", limits::ACK_MAX_IDS),
+                )
+                .detail();
+                return ready(ServerFrame::Error { error });
+            }
             let device = device.device_id;
-            Box::pin(async move {
-                if let Err(err) = limited {
-                    return Some(ServerFrame::Error {
-                        error: err.detail(),
-                    });
+            if !confirm {
+                match state.store.queue_quiet_ack(device, &ids).await {
+                    Ok(true) => return None,
+                    Ok(false) => {}
+                    Err(err) => {
+                        return ready(ServerFrame::Error {
+                            error: ApiError::from(err).detail(),
+                        });
+                    }
                 }
-                if ids.len() > limits::ACK_MAX_IDS {
-                    let error = ApiError::new(
-                        ErrorCode::PayloadTooLarge,
-                        format!("at most {} ids per acknowledgement", limits::ACK_MAX_IDS),
-                    )
-                    .detail();
-                    return Some(ServerFrame::Error { error });
-                }
+            }
+            Some(Box::pin(async move {
                 match state.store.ack(device, &ids).await {
                     Ok(removed) => confirm.then_some(ServerFrame::Acked { removed }),
                     Err(err) => Some(ServerFrame::Error {
                         error: ApiError::from(err).detail(),
                     }),
                 }
-            })
+            }))
         }
     }
 }

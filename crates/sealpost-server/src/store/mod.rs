@@ -352,6 +352,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(Vec<Envelope>, bool), StoreError>;
     /// Deletes acknowledged envelopes of this device; returns how many were removed.
     async fn ack(&self, device_id: Uuid, ids: &[u64]) -> Result<u64, StoreError>;
+    /// Queues an acknowledgement whose outcome nobody waits for (a quiet acknowledgement,
+    /// push frame `0x03`) and returns `Ok(true)` once it is queued; `Ok(false)` when this
+    /// store has no queue for it, and the caller runs [`Store::ack`] instead (the default).
+    /// If recording a queued acknowledgement fails, the store logs it and the envelopes
+    /// stay in the mailbox to be delivered again, as if the acknowledgement had been lost
+    /// on the way.
+    async fn queue_quiet_ack(&self, device_id: Uuid, ids: &[u64]) -> Result<bool, StoreError> {
+        let _ = (device_id, ids);
+        Ok(false)
+    }
     /// Envelopes waiting in all mailboxes.
     async fn mailbox_depth(&self) -> Result<u64, StoreError>;
     /// Deletes expired challenges, tokens and undelivered messages.

@@ -915,13 +915,27 @@ impl Store for SqliteStore {
             .send(Job::Ack {
                 device: device_id,
                 ids: ids.to_vec(),
-                answer,
+                answer: Some(answer),
             })
             .await
             .map_err(|_| StoreError::Invalid("the store is closed"))?;
         answered
             .await
             .map_err(|_| StoreError::Invalid("the store is closed"))?
+    }
+
+    /// The writer applies it with the next batch and answers nobody: the socket's task is
+    /// not woken again for it, which at partial load is a task turn per message.
+    async fn queue_quiet_ack(&self, device_id: Uuid, ids: &[u64]) -> Result<bool, StoreError> {
+        self.batcher
+            .send(Job::Ack {
+                device: device_id,
+                ids: ids.to_vec(),
+                answer: None,
+            })
+            .await
+            .map_err(|_| StoreError::Invalid("the store is closed"))?;
+        Ok(true)
     }
 
     async fn mailbox_depth(&self) -> Result<u64, StoreError> {
@@ -1300,6 +1314,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(count, 0);
+        store.close().await;
+    }
+
+    /// A quiet acknowledgement is queued, not waited for, and deletes like any other; the
+    /// writer takes jobs in order, so a confirmed acknowledgement after it sees it done.
+    #[tokio::test]
+    async fn quiet_acknowledgements_are_applied_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let group = "a5".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        store
+            .sequence(request(&group, a, EnvelopeKind::Application, 1))
+            .await
+            .unwrap();
+        let ids = mailbox_ids(&store, b).await;
+        assert_eq!(ids.len(), 2, "the Welcome and the message");
+        assert!(store.queue_quiet_ack(b, &ids[..1]).await.unwrap());
+        assert_eq!(store.ack(b, &ids[..1]).await.unwrap(), 0, "already gone");
+        assert_eq!(mailbox_ids(&store, b).await, ids[1..]);
         store.close().await;
     }
 

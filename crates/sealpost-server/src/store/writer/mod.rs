@@ -136,7 +136,8 @@ pub(crate) enum Job {
     Ack {
         device: Uuid,
         ids: Vec<u64>,
-        answer: oneshot::Sender<Result<u64, StoreError>>,
+        /// `None` for a quiet acknowledgement: nobody waits for it.
+        answer: Option<oneshot::Sender<Result<u64, StoreError>>>,
     },
     /// Finish the jobs before this one, close the connection and stop.
     Close(oneshot::Sender<()>),
@@ -158,7 +159,7 @@ pub(super) enum Answer {
         Result<SequenceOutcome, StoreError>,
     ),
     Ack(
-        oneshot::Sender<Result<u64, StoreError>>,
+        Option<oneshot::Sender<Result<u64, StoreError>>>,
         Result<u64, StoreError>,
     ),
 }
@@ -169,8 +170,13 @@ impl Answer {
             Self::Sequence(channel, result) => {
                 let _ = channel.send(result);
             }
-            Self::Ack(channel, result) => {
+            Self::Ack(Some(channel), result) => {
                 let _ = channel.send(result);
+            }
+            Self::Ack(None, result) => {
+                if let Err(err) = result {
+                    quiet_ack_lost(&err);
+                }
             }
         }
     }
@@ -182,11 +188,17 @@ impl Answer {
             Self::Sequence(channel, _) => {
                 let _ = channel.send(Err(failed()));
             }
-            Self::Ack(channel, _) => {
+            Self::Ack(Some(channel), _) => {
                 let _ = channel.send(Err(failed()));
             }
+            Self::Ack(None, _) => quiet_ack_lost(&failed()),
         }
     }
+}
+
+/// A quiet acknowledgement was not recorded: its envelopes stay and are delivered again.
+fn quiet_ack_lost(err: &StoreError) {
+    tracing::warn!(error = %err, "a quiet acknowledgement was not recorded; its envelopes will be delivered again");
 }
 
 /// The WAL file of the database at `path`.
