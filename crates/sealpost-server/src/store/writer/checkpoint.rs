@@ -18,12 +18,12 @@
 //! SQLite restarts the WAL only at a commit that finds every frame copied back, and the
 //! writer always adds frames while this thread copies. Measured at full load, the WAL then
 //! grew by ~80 MB a second until the backstop checkpointed a whole second of frames on the
-//! writer thread every ~3 s. So when a pass leaves a long WAL ([`RESTART_FRAMES`]), this
+//! writer thread every ~3 s (p99 latency at half load 24-30 ms). So when a pass leaves a long WAL ([`RESTART_FRAMES`]), this
 //! thread raises a flag ([`Checkpointer::take_restart`]) and the writer, between two
 //! batches, copies back the few frames committed during the pass; its next commit then
-//! starts the WAL over. That costs the writer a short copy and two syncs a second under
-//! load, instead of a long stall every few seconds, and keeps the WAL (and the page cache
-//! it occupies) small.
+//! starts the WAL over. That costs the writer a short copy and two syncs per interval
+//! under load, instead of a long stall every few seconds, and keeps the WAL (and the page
+//! cache it occupies) small.
 //!
 //! Durability is unchanged: SQLite syncs the WAL before it copies anything back, and
 //! what this connection reads is only committed data.
@@ -42,11 +42,15 @@ use super::Job;
 use crate::store::StoreError;
 
 /// Time between checkpoints.
-pub const INTERVAL: Duration = Duration::from_secs(1);
+/// Four a second: the shorter the interval, the less a pass leaves for the writer to
+/// finish and the smaller the WAL, at the cost of more syncs of the database file. Against
+/// one a second, p99 latency at half load fell from 17-29 ms to 12 ms while the peak rate
+/// moved by less than the run-to-run noise (docs/BENCHMARKS.md).
+pub const INTERVAL: Duration = Duration::from_millis(250);
 
-/// WAL frames after a pass beyond which the writer is asked to finish the checkpoint (32
-/// MiB of 8 KiB pages; a busy server writes that in under half a second).
-pub const RESTART_FRAMES: i64 = 4_096;
+/// WAL frames after a pass beyond which the writer is asked to finish the checkpoint (8
+/// MiB of 8 KiB pages; a busy server writes that in about a tenth of a second).
+pub const RESTART_FRAMES: i64 = 1_024;
 
 /// The running checkpoint thread; [`Checkpointer::stop`] ends it (dropping it does too,
 /// without waiting).
@@ -177,7 +181,7 @@ mod tests {
             .unwrap();
         let (jobs, _queue) = tokio::sync::mpsc::channel(1);
         let checkpointer = spawn(&path, jobs.downgrade()).unwrap();
-        let deadline = std::time::Instant::now() + 4 * INTERVAL;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !checkpointer.take_restart() {
             assert!(
                 std::time::Instant::now() < deadline,

@@ -44,7 +44,7 @@ pub const MAX_BATCH: usize = 512;
 
 /// WAL pages at which the writer checkpoints by itself: only when the checkpoint thread
 /// ([`checkpoint`]) has fallen this far behind (about 240 MiB of 8 KiB pages; at full load
-/// the WAL grows by less than 60 MiB a second).
+/// the WAL grows by about 80 MiB a second, and that thread restarts it four times a second).
 const BACKSTOP_PAGES: i64 = 30_000;
 
 /// Counters of the group-commit writer.
