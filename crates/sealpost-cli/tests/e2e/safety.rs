@@ -1,6 +1,10 @@
 //! Safety numbers, verification, and what a changed account key does.
 
-use crate::common::Env;
+use std::time::Duration;
+
+use sealpost_core::Client;
+
+use crate::common::{Env, texts};
 
 fn safety_number(env: &Env, who: &str, other: &str) -> serde_json::Value {
     let lines = env
@@ -164,4 +168,33 @@ async fn unverified_contact_key_change_is_a_notice_in_sync_and_history() {
         at_bob.iter().any(|l| l["text"] == "still there?"),
         "{at_bob:?}"
     );
+}
+
+/// A name deleted and registered again is a new account that the key directory has not
+/// published yet: the server answers `kt_pending` rather than the old account's entry, so
+/// a contact's send waits for the new epoch and reaches the new account, not the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_registered_again_waits_for_its_epoch() {
+    // Epochs only when the test publishes them.
+    let env = Env::with_config(|c| c.kt_interval = Duration::from_secs(3600)).await;
+    let kt = &env.server.state().kt;
+    let alice = env.client("alice").await;
+    let bob = env.client("bob").await;
+    kt.publish_pending().await.unwrap();
+    alice.send_direct("bob", "hi bob").await.unwrap();
+    assert_eq!(texts(&bob.sync().await.unwrap()), ["hi bob"]);
+
+    bob.delete_account().await.unwrap();
+    let new_bob = Client::register(&env.home("new-bob"), "bob", &env.server.url(), 5)
+        .await
+        .unwrap();
+    let sending = alice.send_direct("bob", "is this you?");
+    let publishing = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        kt.publish_pending().await.unwrap()
+    };
+    let (sent, published) = tokio::join!(sending, publishing);
+    assert!(published.is_some());
+    sent.unwrap();
+    assert_eq!(texts(&new_bob.sync().await.unwrap()), ["is this you?"]);
 }

@@ -315,6 +315,8 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> Result<(), StoreError>;
     async fn kt_is_published(&self, username: &str) -> Result<bool, StoreError>;
+    /// Whether the username's entry changed since the last epoch.
+    async fn kt_is_pending(&self, username: &str) -> Result<bool, StoreError>;
     async fn kt_save_root(&self, epoch: u64, root_hash: &[u8], now: i64) -> Result<(), StoreError>;
     async fn kt_root_hash(&self, epoch: u64) -> Result<Option<Vec<u8>>, StoreError>;
     /// Stored root hashes of epochs in `from..=to`, in order.

@@ -603,6 +603,15 @@ impl Store for SqliteStore {
         Ok(found.is_some())
     }
 
+    async fn kt_is_pending(&self, username: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM kt_pending WHERE username = ?")
+                .bind(username)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(found.is_some())
+    }
+
     async fn kt_save_root(&self, epoch: u64, root_hash: &[u8], now: i64) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT OR IGNORE INTO kt_roots (epoch, root_hash, published_at) VALUES (?, ?, ?)",
