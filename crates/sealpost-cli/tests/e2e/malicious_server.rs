@@ -242,6 +242,17 @@ async fn split_view_is_caught_through_root_gossip() {
 async fn rollback_to_an_older_epoch_is_refused() {
     let env = Env::new().await;
     let alice = env.client("alice").await;
+    // Bob in a later epoch than alice's (registered together they may share one).
+    while !env
+        .server
+        .state()
+        .store
+        .kt_is_published("alice")
+        .await
+        .unwrap()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     env.client("bob").await;
     alice.send_direct("bob", "hello").await.unwrap();
     alice.sync().await.unwrap();
