@@ -58,6 +58,15 @@ pub(crate) const WRITE_TRANSACTION: &str = "BEGIN IMMEDIATE";
 const DATABASE_PAGE_SIZE: u32 = 8192;
 
 impl SqliteStore {
+    /// Whether `query` (one `?`, bound to `name`) finds a row, on the reader pool.
+    async fn has_row(&self, query: &'static str, name: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(query)
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(found.is_some())
+    }
+
     /// Opens (creating if needed) the database file and runs migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with_flush(path, Arc::new(super::writer::durability::sync_wal)).await
@@ -595,21 +604,13 @@ impl Store for SqliteStore {
     }
 
     async fn kt_is_published(&self, username: &str) -> Result<bool, StoreError> {
-        let found: Option<i64> =
-            sqlx::query_scalar("SELECT epoch FROM kt_published WHERE username = ?")
-                .bind(username)
-                .fetch_optional(&self.reader)
-                .await?;
-        Ok(found.is_some())
+        self.has_row("SELECT 1 FROM kt_published WHERE username = ?", username)
+            .await
     }
 
     async fn kt_is_pending(&self, username: &str) -> Result<bool, StoreError> {
-        let found: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM kt_pending WHERE username = ?")
-                .bind(username)
-                .fetch_optional(&self.reader)
-                .await?;
-        Ok(found.is_some())
+        self.has_row("SELECT 1 FROM kt_pending WHERE username = ?", username)
+            .await
     }
 
     async fn kt_save_root(&self, epoch: u64, root_hash: &[u8], now: i64) -> Result<(), StoreError> {
