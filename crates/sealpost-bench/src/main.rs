@@ -63,6 +63,10 @@ enum Command {
         window: usize,
         #[arg(long, default_value_t = 100)]
         decrypt_every: usize,
+        /// Milliseconds a receiver may hold acknowledgements to send them together (0:
+        /// every frame is acknowledged on arrival).
+        #[arg(long, default_value_t = 0)]
+        ack_delay_ms: u64,
         /// Timed runs per pair count, on the same server and population (fresh messages
         /// each time); the JSON has every run.
         #[arg(long, default_value_t = 1)]
@@ -81,6 +85,10 @@ enum Command {
         fractions: Vec<f64>,
         #[arg(long, default_value = "docs/latency-under-load.svg")]
         plot: PathBuf,
+        /// Milliseconds a receiver may hold acknowledgements to send them together (0:
+        /// every frame is acknowledged on arrival).
+        #[arg(long, default_value_t = 0)]
+        ack_delay_ms: u64,
     },
     /// Idle authenticated push-mode connections: server memory per connection.
     Idle {
@@ -159,6 +167,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             size,
             window,
             decrypt_every,
+            ack_delay_ms,
             repeat,
         } => {
             let mut results = Vec::new();
@@ -172,6 +181,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     rate: None,
                     window: *window,
                     decrypt_every: *decrypt_every,
+                    ack_delay: Duration::from_millis(*ack_delay_ms),
                     timeout: Duration::from_secs(300),
                 };
                 for _ in 0..(*repeat).max(1) {
@@ -188,6 +198,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             peak,
             fractions,
             plot: plot_path,
+            ack_delay_ms,
         } => {
             let server = ServerProcess::start(&options).await?;
             let population = Population::new(&server.url)?;
@@ -198,6 +209,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 rate: None,
                 window: 32,
                 decrypt_every: 100,
+                ack_delay: Duration::from_millis(*ack_delay_ms),
                 timeout: Duration::from_secs(300),
             };
             let mut results = Vec::new();

@@ -39,6 +39,9 @@ pub struct RelayOptions {
     pub window: usize,
     /// Receivers keep one message in this many for decryption after the timed part.
     pub decrypt_every: usize,
+    /// How long a receiver may hold acknowledgements to send them together; zero
+    /// acknowledges every frame the moment it arrives.
+    pub ack_delay: Duration,
     pub timeout: Duration,
 }
 
@@ -159,6 +162,7 @@ pub async fn run(
                 start,
                 deadline,
                 options.decrypt_every,
+                options.ack_delay,
             )
         }));
     let sending =
@@ -219,8 +223,16 @@ pub async fn run(
     let mut latencies: Vec<u64> = latencies.into_iter().map(|(_, latency)| latency).collect();
     Ok(RelayResult {
         mode: format!(
-            "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part",
-            options.decrypt_every
+            "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part; {}",
+            options.decrypt_every,
+            if options.ack_delay.is_zero() {
+                "every frame acknowledged on arrival".to_owned()
+            } else {
+                format!(
+                    "acknowledgements held up to {} ms",
+                    options.ack_delay.as_millis()
+                )
+            }
         ),
         pairs: pairs.len(),
         messages: total,
@@ -320,6 +332,11 @@ async fn send(
     tally
 }
 
+/// Acknowledgements a receiver holds back at most (the server takes up to
+/// `ACK_MAX_IDS` in one frame).
+const ACK_BATCH_MAX: usize = 256;
+
+#[allow(clippy::too_many_arguments)]
 async fn receive(
     mut tx: PushSender,
     mut rx: PushReceiver,
@@ -328,14 +345,23 @@ async fn receive(
     start: Instant,
     deadline: Instant,
     decrypt_every: usize,
+    ack_delay: Duration,
 ) -> anyhow::Result<ReceiverTally> {
     let mut tally = ReceiverTally {
         latencies_ns: Vec::with_capacity(expected),
         ..ReceiverTally::default()
     };
     let mut seen = vec![false; expected];
+    // Acknowledgements held back (`ack_delay`), and when they are due.
+    let mut unacked: Vec<u64> = Vec::new();
+    let mut ack_due: Option<Instant> = None;
     while tally.delivered < expected {
-        let Ok(frame) = tokio::time::timeout_at(deadline.into(), rx.next()).await else {
+        let wake = ack_due.map_or(deadline, |due| due.min(deadline));
+        let Ok(frame) = tokio::time::timeout_at(wake.into(), rx.next()).await else {
+            if ack_due.take().is_some_and(|due| due < deadline) {
+                send_ack(&mut tx, &mut unacked).await?;
+                continue;
+            }
             // Lost messages are counted by the caller.
             break;
         };
@@ -344,9 +370,8 @@ async fn receive(
             continue;
         };
         let now = start.elapsed().as_nanos() as u64;
-        let mut ids = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
-            ids.push(envelope.id);
+            unacked.push(envelope.id);
             if envelope.kind != EnvelopeKind::Application {
                 continue;
             }
@@ -365,11 +390,26 @@ async fn receive(
                 tally.sample.push(envelope);
             }
         }
-        tx.send(&ClientFrame::Ack {
-            ids,
-            confirm: false,
-        })
-        .await?;
+        if ack_delay.is_zero() || unacked.len() >= ACK_BATCH_MAX {
+            ack_due = None;
+            send_ack(&mut tx, &mut unacked).await?;
+        } else if ack_due.is_none() {
+            ack_due = Some(Instant::now() + ack_delay);
+        }
     }
+    send_ack(&mut tx, &mut unacked).await?;
     Ok(tally)
+}
+
+/// Acknowledges (quietly) what `unacked` holds, if anything.
+async fn send_ack(tx: &mut PushSender, unacked: &mut Vec<u64>) -> anyhow::Result<()> {
+    if unacked.is_empty() {
+        return Ok(());
+    }
+    tx.send(&ClientFrame::Ack {
+        ids: std::mem::take(unacked),
+        confirm: false,
+    })
+    .await?;
+    Ok(())
 }

@@ -36,6 +36,9 @@ use crate::error::CoreError;
 /// How often a rate-limited request is retried before the error is returned.
 const RATE_LIMIT_RETRIES: u32 = 3;
 
+/// Bytes a device WebSocket reads from the kernel at once (see `open_socket`).
+const SOCKET_READ_BUFFER: usize = 16 * 1024;
+
 /// A connected device WebSocket.
 pub type DeviceSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -467,8 +470,13 @@ impl Transport {
         let header = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|e| CoreError::InvalidInput(e.to_string()))?;
         request.headers_mut().insert("authorization", header);
+        // tungstenite zero-fills its whole read buffer before every read (128 KiB by
+        // default): with small frames that memset was most of a receiving client's CPU.
+        // 16 KiB still takes a full frame of envelopes in a few reads.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(SOCKET_READ_BUFFER);
         // TCP_NODELAY: an acknowledgement or a send is one small frame that must leave now.
-        match tokio_tungstenite::connect_async_with_config(request, None, true).await {
+        match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
             Ok((socket, _)) => Ok(socket),
             Err(tokio_tungstenite::tungstenite::Error::Http(response))
                 if response.status() == StatusCode::UNAUTHORIZED =>
