@@ -28,17 +28,27 @@ use crate::server::ServerProcess;
 /// Connections one worker process holds (well under its 20,000 open files).
 pub const PER_WORKER: usize = 9_500;
 
+/// Connections opened and closed before the baseline is read (see [`run`]).
+const WARM_UP: usize = 1_000;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleStep {
     pub connections: usize,
     pub server_rss_bytes: u64,
-    /// (RSS − RSS with no connection) / connections.
+    /// (RSS − RSS with no connection, after the warm-up) / connections.
     pub bytes_per_connection: f64,
+    /// (RSS − RSS right after the registrations, before any connection) / connections.
+    pub bytes_per_connection_cold: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleResult {
+    /// RSS with no connection open, after the warm-up.
     pub baseline_rss_bytes: u64,
+    /// RSS right after the registrations, before any connection was ever opened.
+    pub cold_baseline_rss_bytes: u64,
+    /// Connections opened and closed between the two baselines.
+    pub warm_up_connections: usize,
     pub steps: Vec<IdleStep>,
     /// Least-squares slope of RSS over connections.
     pub slope_bytes_per_connection: f64,
@@ -84,8 +94,25 @@ pub async fn run(server: &ServerProcess, steps: &[usize]) -> anyhow::Result<Idle
     let token_file = dir.path().join("tokens");
     std::fs::write(&token_file, tokens.join("\n"))?;
     drop(transport);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let baseline = server.rss_bytes()?;
+    // The key directory publishes the registrations in epochs after they are answered.
+    let cold_baseline = settled_rss(server).await?;
+    // The first burst of connections leaves memory behind that later connections reuse
+    // (allocator segments, the database's page caches filled by the token lookups): RSS
+    // at 1,000 connections was once higher than at 10,000. A burst opened and closed
+    // before the baseline is read makes the figure the cost of holding connections, as
+    // on a server that has served some before, rather than of that state.
+    let warm_up = WARM_UP.min(total);
+    if warm_up > 0 {
+        progress(&format!("warm-up: {warm_up} connections opened and closed"));
+        drop(Worker::start(
+            &server.url,
+            &token_file,
+            0,
+            warm_up,
+            "127.0.0.200",
+        )?);
+    }
+    let baseline = settled_rss(server).await?;
 
     let mut workers: Vec<Worker> = Vec::new();
     let mut connected = 0;
@@ -114,6 +141,8 @@ pub async fn run(server: &ServerProcess, steps: &[usize]) -> anyhow::Result<Idle
             connections: connected,
             server_rss_bytes: rss,
             bytes_per_connection: rss.saturating_sub(baseline) as f64 / connected.max(1) as f64,
+            bytes_per_connection_cold: rss.saturating_sub(cold_baseline) as f64
+                / connected.max(1) as f64,
         };
         progress(&format!(
             "{} connections: server RSS {:.1} MiB, {:.0} bytes each",
@@ -133,9 +162,27 @@ pub async fn run(server: &ServerProcess, steps: &[usize]) -> anyhow::Result<Idle
         .collect();
     Ok(IdleResult {
         baseline_rss_bytes: baseline,
+        cold_baseline_rss_bytes: cold_baseline,
+        warm_up_connections: warm_up,
         steps: result_steps,
         slope_bytes_per_connection: slope(&points),
     })
+}
+
+/// The server's RSS once it has changed by less than 1 MiB in a second (at most 30 s):
+/// work finishing in the background (key-directory epochs, the allocator returning freed
+/// memory) otherwise moves the baseline by tens of MiB.
+async fn settled_rss(server: &ServerProcess) -> anyhow::Result<u64> {
+    let mut last = server.rss_bytes()?;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = server.rss_bytes()?;
+        if now.abs_diff(last) < 1 << 20 {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Ok(last)
 }
 
 fn slope(points: &[(f64, f64)]) -> f64 {

@@ -246,16 +246,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         thousands(s.connections as f64),
                         format!("{:.1}", s.server_rss_bytes as f64 / 1048576.0),
                         thousands(s.bytes_per_connection),
+                        thousands(s.bytes_per_connection_cold),
                     ]
                 })
                 .collect();
             print_table(
                 &format!(
-                    "idle push-mode connections (baseline RSS {:.1} MiB, slope {} bytes/connection)",
+                    "idle push-mode connections (baseline RSS {:.1} MiB after {} connections \
+                     opened and closed, {:.1} MiB before; slope {} bytes/connection)",
                     result.baseline_rss_bytes as f64 / 1048576.0,
+                    result.warm_up_connections,
+                    result.cold_baseline_rss_bytes as f64 / 1048576.0,
                     thousands(result.slope_bytes_per_connection)
                 ),
-                &["connections", "server RSS MiB", "bytes/connection"],
+                &[
+                    "connections",
+                    "server RSS MiB",
+                    "bytes/connection",
+                    "from cold baseline",
+                ],
                 &rows,
             );
             write_json(&args.out.join("idle.json"), &result)
