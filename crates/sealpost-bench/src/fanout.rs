@@ -35,6 +35,9 @@ pub struct FanoutResult {
     /// From the first member having the message to the last: the spread of the delivery
     /// itself, which no ordering of the sender's answer can hide.
     pub first_to_last_ms: Percentiles,
+    /// Accepted → last member of every round, in milliseconds and in round order (to see
+    /// whether a slow round is alone or part of a pattern).
+    pub accepted_to_last_by_round_ms: Vec<f64>,
 }
 
 pub async fn run(
@@ -159,6 +162,7 @@ pub async fn run(
             tokio::time::sleep(2 * ACK_INTERVAL).await;
         }
         tx.close().await.ok();
+        let by_round = accepted_to_last.iter().map(|&ns| ns as f64 / 1e6).collect();
         anyhow::Ok(FanoutResult {
             members,
             rounds,
@@ -166,6 +170,7 @@ pub async fn run(
             accepted_to_last_ms: Percentiles::of(&mut accepted_to_last),
             send_to_accepted_ms: Percentiles::of(&mut to_accepted),
             first_to_last_ms: Percentiles::of(&mut first_to_last),
+            accepted_to_last_by_round_ms: by_round,
         })
     };
     // The listeners run until their sockets close, which ends with the bench.
