@@ -336,6 +336,60 @@ async fn send(
 /// `ACK_MAX_IDS` in one frame).
 const ACK_BATCH_MAX: usize = 256;
 
+/// The envelope ids a receiver has not acknowledged yet, and when they are due: at once
+/// when the delay is zero or [`ACK_BATCH_MAX`] are held, else `delay` after the first.
+struct HeldAcks {
+    ids: Vec<u64>,
+    delay: Duration,
+    due: Option<Instant>,
+}
+
+impl HeldAcks {
+    fn new(delay: Duration) -> Self {
+        Self {
+            ids: Vec::new(),
+            delay,
+            due: None,
+        }
+    }
+
+    /// Holds the ids of a frame just read; true when they must be sent now.
+    fn hold(&mut self, ids: impl IntoIterator<Item = u64>, now: Instant) -> bool {
+        self.ids.extend(ids);
+        if self.delay.is_zero() || self.ids.len() >= ACK_BATCH_MAX {
+            return true;
+        }
+        if !self.ids.is_empty() && self.due.is_none() {
+            self.due = Some(now + self.delay);
+        }
+        false
+    }
+
+    /// When the receiver must stop waiting for frames: the due time, if before `deadline`.
+    fn wake_at(&self, deadline: Instant) -> Instant {
+        self.due.map_or(deadline, |due| due.min(deadline))
+    }
+
+    /// True when the held ids fall due before `deadline`.
+    fn due_before(&self, deadline: Instant) -> bool {
+        self.due.is_some_and(|due| due < deadline)
+    }
+
+    /// Sends (quietly) what is held, if anything.
+    async fn send(&mut self, tx: &mut PushSender) -> anyhow::Result<()> {
+        self.due = None;
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        tx.send(&ClientFrame::Ack {
+            ids: std::mem::take(&mut self.ids),
+            confirm: false,
+        })
+        .await?;
+        Ok(())
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn receive(
     mut tx: PushSender,
@@ -352,14 +406,12 @@ async fn receive(
         ..ReceiverTally::default()
     };
     let mut seen = vec![false; expected];
-    // Acknowledgements held back (`ack_delay`), and when they are due.
-    let mut unacked: Vec<u64> = Vec::new();
-    let mut ack_due: Option<Instant> = None;
+    let mut acks = HeldAcks::new(ack_delay);
     while tally.delivered < expected {
-        let wake = ack_due.map_or(deadline, |due| due.min(deadline));
+        let wake = acks.wake_at(deadline);
         let Ok(frame) = tokio::time::timeout_at(wake.into(), rx.next()).await else {
-            if ack_due.take().is_some_and(|due| due < deadline) {
-                send_ack(&mut tx, &mut unacked).await?;
+            if acks.due_before(deadline) {
+                acks.send(&mut tx).await?;
                 continue;
             }
             // Lost messages are counted by the caller.
@@ -370,8 +422,10 @@ async fn receive(
             continue;
         };
         let now = start.elapsed().as_nanos() as u64;
+        if acks.hold(envelopes.iter().map(|e| e.id), Instant::now()) {
+            acks.send(&mut tx).await?;
+        }
         for envelope in envelopes {
-            unacked.push(envelope.id);
             if envelope.kind != EnvelopeKind::Application {
                 continue;
             }
@@ -390,26 +444,41 @@ async fn receive(
                 tally.sample.push(envelope);
             }
         }
-        if ack_delay.is_zero() || unacked.len() >= ACK_BATCH_MAX {
-            ack_due = None;
-            send_ack(&mut tx, &mut unacked).await?;
-        } else if ack_due.is_none() {
-            ack_due = Some(Instant::now() + ack_delay);
-        }
     }
-    send_ack(&mut tx, &mut unacked).await?;
+    acks.send(&mut tx).await?;
     Ok(tally)
 }
 
-/// Acknowledges (quietly) what `unacked` holds, if anything.
-async fn send_ack(tx: &mut PushSender, unacked: &mut Vec<u64>) -> anyhow::Result<()> {
-    if unacked.is_empty() {
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_delay_every_frame_is_acknowledged_at_once() {
+        let mut acks = HeldAcks::new(Duration::ZERO);
+        assert!(acks.hold([1, 2], Instant::now()));
     }
-    tx.send(&ClientFrame::Ack {
-        ids: std::mem::take(unacked),
-        confirm: false,
-    })
-    .await?;
-    Ok(())
+
+    #[test]
+    fn held_acknowledgements_fall_due_a_delay_after_the_first() {
+        let delay = Duration::from_millis(50);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(10);
+        let mut acks = HeldAcks::new(delay);
+        assert_eq!(acks.wake_at(deadline), deadline, "nothing held yet");
+        assert!(!acks.hold([1], start));
+        assert!(!acks.hold([2, 3], start + Duration::from_millis(30)));
+        assert_eq!(acks.wake_at(deadline), start + delay, "due after the first");
+        assert!(acks.due_before(deadline));
+        assert!(!acks.due_before(start + Duration::from_millis(10)));
+        assert_eq!(acks.ids, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_full_batch_is_acknowledged_at_once() {
+        let mut acks = HeldAcks::new(Duration::from_secs(1));
+        let now = Instant::now();
+        assert!(!acks.hold(0..ACK_BATCH_MAX as u64 - 1, now));
+        assert!(acks.hold([ACK_BATCH_MAX as u64], now));
+    }
 }
