@@ -10,6 +10,7 @@
 mod drain;
 mod fanout;
 mod idle;
+mod machine;
 mod plot;
 mod population;
 mod relay;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use crate::machine::Recorded;
 use crate::population::Population;
 use crate::relay::{RelayOptions, RelayResult};
 use crate::report::{print_table, thousands, write_json};
@@ -160,6 +162,21 @@ fn server_options(args: &Args) -> ServerOptions {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let options = server_options(&args);
+    if let Command::IdleWorker {
+        url,
+        tokens,
+        from,
+        to,
+        source,
+    } = &args.command
+    {
+        return idle::worker(url, tokens, *from, *to, source).await;
+    }
+    // The server's database goes into the temporary directory (see `server`). Nothing
+    // else runs yet, so the blocking check holds up nothing.
+    let disk_dir = std::env::temp_dir();
+    let machine = machine::check(&disk_dir)?;
+    println!("machine: {}", machine.describe());
     match &args.command {
         Command::Relay {
             pairs,
@@ -190,7 +207,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     print_relay(&results);
                 }
             }
-            write_json(&args.out.join("relay.json"), &results)
+            write_json(
+                &args.out.join("relay.json"),
+                &Recorded::finish(&disk_dir, machine, results)?,
+            )
         }
         Command::Latency {
             pairs,
@@ -232,8 +252,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
                 print_relay(&results);
             }
-            write_json(&args.out.join("latency.json"), &results)?;
-            plot::latency_under_load(plot_path, &results)
+            plot::latency_under_load(plot_path, &results)?;
+            write_json(
+                &args.out.join("latency.json"),
+                &Recorded::finish(&disk_dir, machine, results)?,
+            )
         }
         Command::Idle { steps } => {
             let server = ServerProcess::start(&options).await?;
@@ -267,7 +290,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ],
                 &rows,
             );
-            write_json(&args.out.join("idle.json"), &result)
+            write_json(
+                &args.out.join("idle.json"),
+                &Recorded::finish(&disk_dir, machine, result)?,
+            )
         }
         Command::Drain { messages, runs } => {
             let server = ServerProcess::start(&options).await?;
@@ -303,7 +329,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ],
                 &rows,
             );
-            write_json(&args.out.join("drain.json"), &results)
+            write_json(
+                &args.out.join("drain.json"),
+                &Recorded::finish(&disk_dir, machine, results)?,
+            )
         }
         Command::Fanout { members, rounds } => {
             let server = ServerProcess::start(&options).await?;
@@ -341,15 +370,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ],
                 &rows,
             );
-            write_json(&args.out.join("fanout.json"), &results)
+            write_json(
+                &args.out.join("fanout.json"),
+                &Recorded::finish(&disk_dir, machine, results)?,
+            )
         }
-        Command::IdleWorker {
-            url,
-            tokens,
-            from,
-            to,
-            source,
-        } => idle::worker(url, tokens, *from, *to, source).await,
+        Command::IdleWorker { .. } => unreachable!("handled above"),
     }
 }
 

@@ -1,0 +1,236 @@
+//! A check of the machine around every scenario: how long `fdatasync` takes, right now, on
+//! the file system the server's database lives on, and how long a fixed loop of CPU work
+//! takes on the generator's core.
+//!
+//! The published figures come from shared virtual machines that slow down for minutes or
+//! hours at a time (one session saw `fdatasync` p99 go from 0.3 ms to 5 ms within an hour,
+//! and the server CPU per relayed message of an unchanged binary go from 19 to 37 µs).
+//! The server answers nothing before a flush, and its figures are CPU time, so a run made
+//! in such an hour measures the machine more than the server. Every scenario therefore
+//! checks both before and after its work and reports them beside its figures, so that such
+//! runs can be told apart instead of being averaged in.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::report::Percentiles;
+
+/// Bytes written before each flush: one WAL page of the server's database.
+const PAGE: usize = 8192;
+
+/// Flushes per check: about 50 ms on a healthy disk, a second or two on a slow one.
+const FLUSHES: usize = 200;
+
+/// Steps of the CPU loop: about 0.1 s on a 2 vCPU Xeon of 2026 at full speed.
+const CPU_STEPS: u64 = 50_000_000;
+
+/// Entries of the memory walk: 32 MiB of `u32`, far more than the last-level cache.
+const WALK_ENTRIES: usize = 8 << 20;
+
+/// Steps of the memory walk: each one a load that misses the caches.
+const WALK_STEPS: usize = 1 << 20;
+
+/// p99 above which a check calls flushes slow. A healthy virtual disk here flushes an
+/// overwritten page in 0.1–0.4 ms at p99; 1 ms and more is a disk under someone else's load.
+pub const SLOW_FLUSH_P99_MS: f64 = 1.0;
+
+/// The machine's state at one moment. `flush`: `fdatasync` latency after overwriting one
+/// page of a preallocated file, as SQLite does with its WAL once a checkpoint has
+/// restarted it. `cpu_loop_ms`: the wall time of a fixed loop of dependent integer
+/// operations; `memory_walk_ns`: the time per step of a random walk through 32 MiB (one
+/// cache miss each), which rises when neighbours on the host fight over caches and memory.
+/// Both run on the calling thread while nothing else of the generator runs; compare them
+/// across runs on the same machine kind, they mean nothing alone.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MachineCheck {
+    pub page_bytes: usize,
+    pub flush: Percentiles,
+    pub cpu_loop_ms: f64,
+    pub memory_walk_ns: f64,
+}
+
+impl MachineCheck {
+    /// Whether flushes were slow enough to dominate the figures of a run.
+    pub fn slow(&self) -> bool {
+        self.flush.p99_ms > SLOW_FLUSH_P99_MS
+    }
+
+    /// One line for the console.
+    pub fn describe(&self) -> String {
+        format!(
+            "fdatasync of {} KiB: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} flushes); \
+             CPU loop {:.0} ms; memory walk {:.0} ns/step{}",
+            self.page_bytes / 1024,
+            self.flush.p50_ms,
+            self.flush.p99_ms,
+            self.flush.max_ms,
+            self.flush.samples,
+            self.cpu_loop_ms,
+            self.memory_walk_ns,
+            if self.slow() {
+                " — SLOW: this run measures the disk as much as the server"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Measures flushes in `dir` with a temporary file that is removed afterwards. Blocking:
+/// call it while nothing else of the generator runs.
+pub fn check(dir: &Path) -> anyhow::Result<MachineCheck> {
+    let mut file = tempfile::Builder::new()
+        .prefix("sealpost-bench-machine-check")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {} to check it", dir.display()))?;
+    // Preallocate, so that each flush writes data only, not a larger file size.
+    file.write_all(&vec![0; PAGE * FLUSHES])?;
+    file.as_file().sync_all()?;
+    let page = vec![0x5a; PAGE];
+    let mut latencies = Vec::with_capacity(FLUSHES);
+    for i in 0..FLUSHES {
+        let handle: &File = file.as_file();
+        handle.write_all_at(&page, (i * PAGE) as u64)?;
+        let started = Instant::now();
+        handle.sync_data().context("fdatasync failed")?;
+        latencies.push(started.elapsed().as_nanos() as u64);
+    }
+    Ok(MachineCheck {
+        page_bytes: PAGE,
+        flush: Percentiles::of(&mut latencies),
+        cpu_loop_ms: cpu_loop_ms(CPU_STEPS),
+        memory_walk_ns: memory_walk_ns(WALK_ENTRIES, WALK_STEPS),
+    })
+}
+
+/// Nanoseconds per step of a walk through [`random_cycle`] over `entries` slots.
+fn memory_walk_ns(entries: usize, steps: usize) -> f64 {
+    let next = random_cycle(entries);
+    let started = Instant::now();
+    let mut at = std::hint::black_box(0_usize);
+    for _ in 0..steps {
+        at = next[at] as usize;
+    }
+    std::hint::black_box(at);
+    started.elapsed().as_secs_f64() * 1e9 / steps.max(1) as f64
+}
+
+/// `next[i]` is the slot after `i` in one random cycle through all `entries` slots
+/// (Sattolo's shuffle, with a fixed seed): a walk visits every slot before it repeats, and
+/// no prefetcher can guess the next address.
+fn random_cycle(entries: usize) -> Vec<u32> {
+    let mut next: Vec<u32> = (0..entries as u32).collect();
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for i in (1..entries).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        next.swap(i, (seed % i as u64) as usize);
+    }
+    next
+}
+
+/// Milliseconds of wall time for `steps` xorshift steps (each depends on the one before,
+/// so the compiler cannot spread or drop them).
+fn cpu_loop_ms(steps: u64) -> f64 {
+    let started = Instant::now();
+    let mut x = std::hint::black_box(0x9e37_79b9_7f4a_7c15_u64);
+    for _ in 0..steps {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    std::hint::black_box(x);
+    started.elapsed().as_secs_f64() * 1e3
+}
+
+/// What a scenario writes as JSON: its results with the machine checks around them.
+#[derive(Debug, Serialize)]
+pub struct Recorded<T> {
+    pub before: MachineCheck,
+    pub after: MachineCheck,
+    pub results: T,
+}
+
+impl<T> Recorded<T> {
+    /// Checks the machine again now that the work is done, and prints both checks.
+    pub fn finish(dir: &Path, before: MachineCheck, results: T) -> anyhow::Result<Self> {
+        let after = check(dir)?;
+        println!("\nmachine before: {}", before.describe());
+        println!("machine after:  {}", after.describe());
+        Ok(Self {
+            before,
+            after,
+            results,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measures_every_flush_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = check(dir.path()).unwrap();
+        assert_eq!(check.flush.samples, FLUSHES);
+        assert_eq!(check.page_bytes, PAGE);
+        assert!(check.flush.p50_ms > 0.0);
+        assert!(check.flush.p50_ms <= check.flush.p99_ms);
+        assert!(check.flush.p99_ms <= check.flush.max_ms);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(check.cpu_loop_ms > 0.0);
+        assert!(check.memory_walk_ns > 0.0);
+    }
+
+    #[test]
+    fn the_memory_walk_is_one_cycle_through_every_slot() {
+        // Sattolo's shuffle must give a single cycle; a walk that fell into a short cycle
+        // would stay in the cache and measure nothing.
+        let entries = 1 << 12;
+        let next = random_cycle(entries);
+        let (mut at, mut seen) = (0_usize, vec![false; entries]);
+        for _ in 0..entries {
+            assert!(!seen[at], "slot {at} visited twice");
+            seen[at] = true;
+            at = next[at] as usize;
+        }
+        assert_eq!(at, 0);
+        assert!(memory_walk_ns(entries, 1_000) > 0.0);
+    }
+
+    #[test]
+    fn a_missing_directory_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = check(&dir.path().join("gone")).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot create a file in"));
+    }
+
+    #[test]
+    fn slow_only_above_the_threshold() {
+        let at = |p99_ms: f64| MachineCheck {
+            page_bytes: PAGE,
+            cpu_loop_ms: 100.0,
+            memory_walk_ns: 100.0,
+            flush: Percentiles {
+                samples: FLUSHES,
+                p50_ms: 0.1,
+                p99_ms,
+                p999_ms: p99_ms,
+                max_ms: p99_ms,
+            },
+        };
+        assert!(!at(0.3).slow());
+        assert!(!at(SLOW_FLUSH_P99_MS).slow());
+        assert!(at(3.1).slow());
+        assert!(at(3.1).describe().contains("SLOW"));
+        assert!(!at(0.3).describe().contains("SLOW"));
+    }
+}
