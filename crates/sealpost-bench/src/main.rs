@@ -252,11 +252,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
                 print_relay(&results);
             }
-            plot::latency_under_load(plot_path, &results)?;
-            write_json(
-                &args.out.join("latency.json"),
-                &Recorded::finish(&disk_dir, machine, results)?,
-            )
+            // The JSON first: a plot that cannot be written must not lose the figures.
+            let recorded = Recorded::finish(&disk_dir, machine, results)?;
+            write_json(&args.out.join("latency.json"), &recorded)?;
+            plot::latency_under_load(plot_path, &recorded.results)
         }
         Command::Idle { steps } => {
             let server = ServerProcess::start(&options).await?;
