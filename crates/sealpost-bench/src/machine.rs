@@ -10,7 +10,6 @@
 //! checks both before and after its work and reports them beside its figures, so that such
 //! runs can be told apart instead of being averaged in.
 
-use std::fs::File;
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
@@ -82,8 +81,9 @@ impl MachineCheck {
     }
 }
 
-/// Measures flushes in `dir` with a temporary file that is removed afterwards. Blocking:
-/// call it while nothing else of the generator runs.
+/// Checks the machine: flushes in `dir` (with a temporary file that is removed
+/// afterwards), then the CPU loop and the memory walk. Blocking: call it while nothing else
+/// of the generator runs.
 pub fn check(dir: &Path) -> anyhow::Result<MachineCheck> {
     let mut file = tempfile::Builder::new()
         .prefix("sealpost-bench-machine-check")
@@ -93,9 +93,9 @@ pub fn check(dir: &Path) -> anyhow::Result<MachineCheck> {
     file.write_all(&vec![0; PAGE * FLUSHES])?;
     file.as_file().sync_all()?;
     let page = vec![0x5a; PAGE];
+    let handle = file.as_file();
     let mut latencies = Vec::with_capacity(FLUSHES);
     for i in 0..FLUSHES {
-        let handle: &File = file.as_file();
         handle.write_all_at(&page, (i * PAGE) as u64)?;
         let started = Instant::now();
         handle.sync_data().context("fdatasync failed")?;
@@ -128,9 +128,7 @@ fn random_cycle(entries: usize) -> Vec<u32> {
     let mut next: Vec<u32> = (0..entries as u32).collect();
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     for i in (1..entries).rev() {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
+        seed = xorshift(seed);
         next.swap(i, (seed % i as u64) as usize);
     }
     next
@@ -142,12 +140,19 @@ fn cpu_loop_ms(steps: u64) -> f64 {
     let started = Instant::now();
     let mut x = std::hint::black_box(0x9e37_79b9_7f4a_7c15_u64);
     for _ in 0..steps {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        x = xorshift(x);
     }
     std::hint::black_box(x);
     started.elapsed().as_secs_f64() * 1e3
+}
+
+/// One step of Marsaglia's xorshift64: a few dependent integer operations, and a fixed,
+/// well-spread sequence for the shuffle.
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
 }
 
 /// What a scenario writes as JSON: its results with the machine checks around them.
