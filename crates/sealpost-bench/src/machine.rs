@@ -1,6 +1,7 @@
 //! A check of the machine around every scenario: how long `fdatasync` takes, right now, on
-//! the file system the server's database lives on, and how long a fixed loop of CPU work
-//! takes on the generator's core.
+//! the file system the server's database lives on, how long a fixed loop of CPU work and a
+//! walk through memory take on the generator's core, and how long one CPU takes to wake
+//! a thread on the other.
 //!
 //! The published figures come from shared virtual machines that slow down for minutes or
 //! hours at a time (one session saw `fdatasync` p99 go from 0.3 ms to 5 ms within an hour,
@@ -35,6 +36,9 @@ const WALK_ENTRIES: usize = 8 << 20;
 /// Steps of the memory walk: each one a load that misses the caches.
 const WALK_STEPS: usize = 1 << 20;
 
+/// Round trips of the cross-CPU wake-up: about 0.1–0.5 s here.
+const WAKE_TRIPS: usize = 2_000;
+
 /// p99 above which a check calls flushes slow. A healthy virtual disk here flushes an
 /// overwritten page in 0.1–0.4 ms at p99; 1 ms and more is a disk under someone else's load.
 pub const SLOW_FLUSH_P99_MS: f64 = 1.0;
@@ -45,13 +49,19 @@ pub const SLOW_FLUSH_P99_MS: f64 = 1.0;
 /// operations; `memory_walk_ns`: the time per step of a random walk through 32 MiB (one
 /// cache miss each), which rises when neighbours on the host fight over caches and memory.
 /// Both run on the calling thread while nothing else of the generator runs; compare them
-/// across runs on the same machine kind, they mean nothing alone.
+/// across runs on the same machine kind, they mean nothing alone. `wake_round_trip`: two
+/// threads on CPUs 0 and 1 waking each other in turn, each one idle while it waits, as
+/// the server and the generator do for every message at partial load (`None` with one
+/// CPU). Waking an idle virtual CPU goes through the hypervisor, and on this machine kind
+/// its cost moves with the host's load: 0.18–0.24 ms a round trip in an hour when an
+/// unchanged server relayed half its usual rate.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct MachineCheck {
     pub page_bytes: usize,
     pub flush: Percentiles,
     pub cpu_loop_ms: f64,
     pub memory_walk_ns: f64,
+    pub wake_round_trip: Option<Percentiles>,
 }
 
 impl MachineCheck {
@@ -64,7 +74,7 @@ impl MachineCheck {
     pub fn describe(&self) -> String {
         format!(
             "fdatasync of {} KiB: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} flushes); \
-             CPU loop {:.0} ms; memory walk {:.0} ns/step{}",
+             CPU loop {:.0} ms; memory walk {:.0} ns/step; {}{}",
             self.page_bytes / 1024,
             self.flush.p50_ms,
             self.flush.p99_ms,
@@ -72,6 +82,14 @@ impl MachineCheck {
             self.flush.samples,
             self.cpu_loop_ms,
             self.memory_walk_ns,
+            self.wake_round_trip.map_or_else(
+                || "one CPU, no cross-CPU wake-up".to_owned(),
+                |wake| format!(
+                    "cross-CPU wake-up round trip p50 {:.0} µs, p99 {:.0} µs",
+                    wake.p50_ms * 1e3,
+                    wake.p99_ms * 1e3
+                )
+            ),
             if self.slow() {
                 " — SLOW: this run measures the disk as much as the server"
             } else {
@@ -106,7 +124,58 @@ pub fn check(dir: &Path) -> anyhow::Result<MachineCheck> {
         flush: Percentiles::of(&mut latencies),
         cpu_loop_ms: cpu_loop_ms(CPU_STEPS),
         memory_walk_ns: memory_walk_ns(WALK_ENTRIES, WALK_STEPS),
+        // A machine that will not let a thread onto CPU 0 or 1 (a cpuset) still gets its
+        // other figures.
+        wake_round_trip: wake_round_trip((0, 1), WAKE_TRIPS).unwrap_or_else(|err| {
+            eprintln!("  !! no cross-CPU wake-up check: {err:#}");
+            None
+        }),
     })
+}
+
+/// Round trips between a thread pinned to `cpus.0` and one pinned to `cpus.1`, each
+/// blocking (idle) until the other wakes it; `None` when the machine has one CPU.
+fn wake_round_trip(cpus: (usize, usize), trips: usize) -> anyhow::Result<Option<Percentiles>> {
+    let online = std::fs::read_to_string("/proc/stat")
+        .context("cannot read /proc/stat")?
+        .lines()
+        .filter(|line| line.starts_with("cpu") && !line.starts_with("cpu "))
+        .count();
+    if cpus.0.max(cpus.1) >= online {
+        return Ok(None);
+    }
+    let pin = |cpu: usize| -> anyhow::Result<()> {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        rustix::thread::sched_setaffinity(None, &set)
+            .with_context(|| format!("cannot pin a thread to CPU {cpu}"))
+    };
+    let (to_echo, echo_gets) = std::sync::mpsc::channel::<()>();
+    let (to_caller, caller_gets) = std::sync::mpsc::channel::<()>();
+    let echo = std::thread::spawn(move || -> anyhow::Result<()> {
+        pin(cpus.1)?;
+        while echo_gets.recv().is_ok() {
+            if to_caller.send(()).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    let caller = std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
+        pin(cpus.0)?;
+        let mut latencies = Vec::with_capacity(trips);
+        for _ in 0..trips {
+            let started = Instant::now();
+            to_echo.send(()).context("the echo thread stopped")?;
+            caller_gets.recv().context("the echo thread stopped")?;
+            latencies.push(started.elapsed().as_nanos() as u64);
+        }
+        Ok(latencies)
+    });
+    let joined = |name| move |_| anyhow::anyhow!("the {name} thread of the wake-up check panicked");
+    let mut latencies = caller.join().map_err(joined("calling"))??;
+    echo.join().map_err(joined("echo"))??;
+    Ok(Some(Percentiles::of(&mut latencies)))
 }
 
 /// Nanoseconds per step of a walk through [`random_cycle`] over `entries` slots.
@@ -196,6 +265,21 @@ mod tests {
     }
 
     #[test]
+    fn the_wake_up_check_times_every_round_trip_or_says_there_is_one_cpu() {
+        match wake_round_trip((0, 1), 50).unwrap() {
+            Some(wake) => {
+                assert_eq!(wake.samples, 50);
+                assert!(wake.p50_ms > 0.0 && wake.p50_ms <= wake.max_ms);
+            }
+            None => assert_eq!(std::thread::available_parallelism().unwrap().get(), 1),
+        }
+        assert!(
+            wake_round_trip((0, 4096), 1).unwrap().is_none(),
+            "no such CPU"
+        );
+    }
+
+    #[test]
     fn the_memory_walk_is_one_cycle_through_every_slot() {
         // Sattolo's shuffle must give a single cycle; a walk that fell into a short cycle
         // would stay in the cache and measure nothing.
@@ -224,6 +308,7 @@ mod tests {
             page_bytes: PAGE,
             cpu_loop_ms: 100.0,
             memory_walk_ns: 100.0,
+            wake_round_trip: None,
             flush: Percentiles {
                 samples: FLUSHES,
                 p50_ms: 0.1,

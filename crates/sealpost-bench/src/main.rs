@@ -7,6 +7,7 @@
 //! `taskset -c 1 target/release/sealpost-bench --server-cpus 0 relay --pairs 100`.
 //! docs/BENCHMARKS.md lists the commands behind every published figure.
 
+mod cpu_use;
 mod drain;
 mod fanout;
 mod idle;
@@ -400,6 +401,7 @@ fn print_relay(results: &[RelayResult]) {
                     r.writer.requests as f64 / r.writer.transactions.max(1) as f64
                 ),
                 thousands(r.writer.wal_flushes as f64 / r.wall_seconds.max(1e-9)),
+                cpu_use::steal_cell(&r.cpus),
             ]
         })
         .collect();
@@ -420,6 +422,7 @@ fn print_relay(results: &[RelayResult]) {
             "decrypted/failed",
             "requests/tx",
             "flushes/s",
+            "steal % by CPU",
         ],
         &rows,
     );

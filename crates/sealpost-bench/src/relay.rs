@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use crate::cpu_use::{CpuTicks, CpuUse};
 use crate::population::{Pair, Prepared, prepare_interleaved, progress};
 use crate::report::{Percentiles, TimelineSlice};
 use crate::server::{ServerProcess, WriterCounters, own_cpu_seconds};
@@ -73,6 +74,8 @@ pub struct RelayResult {
     /// The server's writer during the timed part: transactions, the requests (sends and
     /// acknowledgements) they carried, and the WAL flushes that made them durable.
     pub writer: WriterCounters,
+    /// Every CPU of the machine during the timed part, steal included (see [`crate::cpu_use`]).
+    pub cpus: Vec<CpuUse>,
 }
 
 /// Where each prepared message came from, and when it was written to the socket.
@@ -150,6 +153,7 @@ pub async fn run(
     let writer_before = server.writer_counters().await?;
     let server_cpu_before = server.cpu_seconds()?;
     let own_cpu_before = own_cpu_seconds()?;
+    let ticks_before = CpuTicks::now()?;
     let start = Instant::now();
     let deadline = start + options.timeout;
     let receiving =
@@ -184,6 +188,7 @@ pub async fn run(
     let wall = start.elapsed().as_secs_f64();
     let server_cpu = server.cpu_seconds()? - server_cpu_before;
     let own_cpu = own_cpu_seconds()? - own_cpu_before;
+    let cpus = CpuTicks::now()?.since(&ticks_before);
     let server_rss_bytes = server.rss_bytes()?;
     let writer = server.writer_counters().await?.since(writer_before);
 
@@ -256,6 +261,7 @@ pub async fn run(
         timeline,
         server_rss_bytes,
         writer,
+        cpus,
     })
 }
 
