@@ -1347,6 +1347,52 @@ mod tests {
         store.close().await;
     }
 
+    /// A batch of quiet acknowledgements alone is applied without a flush of its own
+    /// (nobody waits for it); a confirmed acknowledgement is flushed before its answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quiet_acknowledgements_alone_wait_for_no_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let flushes = Flushes::default();
+        let store = SqliteStore::open_with_flush(&dir.path().join("t.db"), flushes.flush_fn())
+            .await
+            .unwrap();
+        let group = "a7".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        store
+            .sequence(request(&group, a, EnvelopeKind::Application, 1))
+            .await
+            .unwrap();
+        let ids = mailbox_ids(&store, b).await;
+        assert_eq!(ids.len(), 2, "the Welcome and the message");
+        let flushed = || store.batch_stats().flushes.load(Ordering::SeqCst);
+        let before = flushed();
+
+        // A flush would now block the durability thread; none may be started.
+        flushes.hold(true);
+        assert!(store.queue_quiet_ack(b, &ids[..1]).await.unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while mailbox_ids(&store, b).await != ids[1..] {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the quiet ack was not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The writer hands the batch over after committing it; give the durability thread
+        // the time to (wrongly) start a flush before counting.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(flushed(), before, "a batch of quiet acks alone was flushed");
+
+        flushes.hold(false);
+        assert_eq!(store.ack(b, &ids[1..]).await.unwrap(), 1);
+        assert!(
+            flushed() > before,
+            "a confirmed ack is answered after a flush"
+        );
+        assert!(mailbox_ids(&store, b).await.is_empty());
+        store.close().await;
+    }
+
     /// The positions in `device`'s mailbox (the first ten).
     async fn mailbox_ids(store: &SqliteStore, device: Uuid) -> Vec<u64> {
         let (envelopes, _) = store.fetch_mailbox(device, 10).await.unwrap();

@@ -165,6 +165,11 @@ pub(super) enum Answer {
 }
 
 impl Answer {
+    /// Whether someone waits for this answer (all but a quiet acknowledgement).
+    fn awaited(&self) -> bool {
+        !matches!(self, Self::Ack(None, _))
+    }
+
     fn send(self) {
         match self {
             Self::Sequence(channel, result) => {
@@ -438,10 +443,12 @@ fn commit_batch(
             }
         }
     }
+    let awaited = answers.iter().any(Answer::awaited);
     Committed::Batch {
         answers,
         last_position,
         wrote,
+        awaited,
     }
 }
 
