@@ -1197,17 +1197,24 @@ mod tests {
             *self.held.0.lock().unwrap() = hold;
             self.held.1.notify_all();
         }
+
+        /// A store whose flushes go through these, with a group of `a` and `b` at epoch 1
+        /// (see [`pair`]); the group id is `tag` repeated.
+        async fn store(&self, tag: &str) -> (tempfile::TempDir, SqliteStore, String, Uuid, Uuid) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open_with_flush(&dir.path().join("t.db"), self.flush_fn())
+                .await
+                .unwrap();
+            let group = tag.repeat(16);
+            let (a, b) = pair(&store, &group).await;
+            (dir, store, group, a, b)
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nothing_is_answered_or_readable_before_the_wal_is_flushed() {
-        let dir = tempfile::tempdir().unwrap();
         let flushes = Flushes::default();
-        let store = SqliteStore::open_with_flush(&dir.path().join("t.db"), flushes.flush_fn())
-            .await
-            .unwrap();
-        let group = "a1".repeat(16);
-        let (a, b) = pair(&store, &group).await;
+        let (_dir, store, group, a, b) = flushes.store("a1").await;
         assert_eq!(store.fetch_mailbox(b, 10).await.unwrap().0.len(), 1);
 
         flushes.hold(true);
@@ -1228,13 +1235,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_flush_is_an_error_and_a_retry_gets_the_first_answer() {
-        let dir = tempfile::tempdir().unwrap();
         let flushes = Flushes::default();
-        let store = SqliteStore::open_with_flush(&dir.path().join("t.db"), flushes.flush_fn())
-            .await
-            .unwrap();
-        let group = "a2".repeat(16);
-        let (a, b) = pair(&store, &group).await;
+        let (_dir, store, group, a, b) = flushes.store("a2").await;
         let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = delivered.clone();
         store.on_deliveries(move |d| seen.lock().unwrap().extend(d.iter().map(|d| d.mailbox_id)));
@@ -1351,13 +1353,8 @@ mod tests {
     /// (nobody waits for it); a confirmed acknowledgement is flushed before its answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn quiet_acknowledgements_alone_wait_for_no_flush() {
-        let dir = tempfile::tempdir().unwrap();
         let flushes = Flushes::default();
-        let store = SqliteStore::open_with_flush(&dir.path().join("t.db"), flushes.flush_fn())
-            .await
-            .unwrap();
-        let group = "a7".repeat(16);
-        let (a, b) = pair(&store, &group).await;
+        let (_dir, store, group, a, b) = flushes.store("a7").await;
         store
             .sequence(request(&group, a, EnvelopeKind::Application, 1))
             .await
