@@ -53,8 +53,9 @@ pub const SLOW_FLUSH_P99_MS: f64 = 1.0;
 /// threads on CPUs 0 and 1 waking each other in turn, each one idle while it waits, as
 /// the server and the generator do for every message at partial load (`None` with one
 /// CPU). Waking an idle virtual CPU goes through the hypervisor, and on this machine kind
-/// its cost moves with the host's load: 0.18–0.24 ms a round trip in an hour when an
-/// unchanged server relayed half its usual rate.
+/// its cost moves with the host's load: p50 77–109 µs a round trip in an hour when an
+/// unchanged server relayed half its usual rate (7–12 µs with the guest polling instead
+/// of halting while idle).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct MachineCheck {
     pub page_bytes: usize,
@@ -173,8 +174,10 @@ fn wake_round_trip(cpus: (usize, usize), trips: usize) -> anyhow::Result<Option<
         Ok(latencies)
     });
     let joined = |name| move |_| anyhow::anyhow!("the {name} thread of the wake-up check panicked");
-    let mut latencies = caller.join().map_err(joined("calling"))??;
+    let calls = caller.join().map_err(joined("calling"))?;
+    // When the echo thread could not be pinned the caller only sees it gone: report why.
     echo.join().map_err(joined("echo"))??;
+    let mut latencies = calls?;
     Ok(Some(Percentiles::of(&mut latencies)))
 }
 
