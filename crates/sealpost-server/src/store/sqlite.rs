@@ -1337,12 +1337,7 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
         let group = "a5".repeat(16);
         let (a, b) = pair(&store, &group).await;
-        store
-            .sequence(request(&group, a, EnvelopeKind::Application, 1))
-            .await
-            .unwrap();
-        let ids = mailbox_ids(&store, b).await;
-        assert_eq!(ids.len(), 2, "the Welcome and the message");
+        let ids = welcome_and_message(&store, &group, a, b).await;
         assert!(store.queue_quiet_ack(b, &ids[..1]).await.unwrap());
         assert_eq!(store.ack(b, &ids[..1]).await.unwrap(), 0, "already gone");
         assert_eq!(mailbox_ids(&store, b).await, ids[1..]);
@@ -1355,12 +1350,7 @@ mod tests {
     async fn quiet_acknowledgements_alone_wait_for_no_flush() {
         let flushes = Flushes::default();
         let (_dir, store, group, a, b) = flushes.store("a7").await;
-        store
-            .sequence(request(&group, a, EnvelopeKind::Application, 1))
-            .await
-            .unwrap();
-        let ids = mailbox_ids(&store, b).await;
-        assert_eq!(ids.len(), 2, "the Welcome and the message");
+        let ids = welcome_and_message(&store, &group, a, b).await;
         let flushed = || store.batch_stats().flushes.load(Ordering::SeqCst);
         let before = flushed();
 
@@ -1388,6 +1378,18 @@ mod tests {
         );
         assert!(mailbox_ids(&store, b).await.is_empty());
         store.close().await;
+    }
+
+    /// Sends one application message from `a` in the group of [`pair`] and returns the
+    /// positions in `b`'s mailbox: the Welcome's and the message's.
+    async fn welcome_and_message(store: &SqliteStore, group: &str, a: Uuid, b: Uuid) -> Vec<u64> {
+        store
+            .sequence(request(group, a, EnvelopeKind::Application, 1))
+            .await
+            .unwrap();
+        let ids = mailbox_ids(store, b).await;
+        assert_eq!(ids.len(), 2, "the Welcome and the message");
+        ids
     }
 
     /// The positions in `device`'s mailbox (the first ten).

@@ -24,8 +24,8 @@
 //! flushed by itself: its frames are in the WAL before those of every later batch, so the
 //! next flush covers them. A crash before then takes the acknowledgements back and those
 //! envelopes are delivered again, which is what a quiet acknowledgement allows. At low
-//! load, where every message used to cost two flushes (one for it, one for its
-//! acknowledgement), this halves the flushes.
+//! load a message often cost two flushes (one for it, one for its acknowledgement); this
+//! saves the second whenever the acknowledgement comes back alone.
 //!
 //! If `fdatasync` fails, the batch's requests get an error and nothing is delivered; what
 //! the batch committed reaches clients later only if a later flush succeeds (the mark then
@@ -65,9 +65,6 @@ pub(super) enum Committed {
         last_position: Option<u64>,
         /// False when the transaction failed: nothing to flush, only errors to send.
         wrote: bool,
-        /// True when someone waits for an answer (a send or a confirmed acknowledgement):
-        /// only then must the batch be flushed before it is published.
-        awaited: bool,
     },
     /// Everything before this is published; tell the writer.
     Close(SyncSender<()>),
@@ -93,15 +90,15 @@ pub(super) fn run(
     while let Ok(first) = committed.recv() {
         pending.push(first);
         pending.extend(committed.try_iter());
-        let needs_flush = pending.iter().any(|c| {
-            matches!(
-                c,
-                Committed::Batch {
-                    wrote: true,
-                    awaited: true,
-                    ..
-                }
-            )
+        // Only a batch someone waits for (a send, a confirmed acknowledgement) must be
+        // flushed before it is published.
+        let needs_flush = pending.iter().any(|c| match c {
+            Committed::Batch {
+                wrote: true,
+                answers,
+                ..
+            } => answers.iter().any(Answer::awaited),
+            _ => false,
         });
         // Opened for each flush: the file is SQLite's, and a descriptor kept open across
         // a WAL reset would still name the same file, but reopening costs a few
@@ -121,7 +118,6 @@ pub(super) fn run(
                     answers,
                     last_position,
                     wrote,
-                    awaited: _,
                 } => publish(answers, last_position, wrote, &synced, &mark, &hook),
                 Committed::Close(done) => {
                     let _ = done.send(());

@@ -166,7 +166,7 @@ pub(super) enum Answer {
 
 impl Answer {
     /// Whether someone waits for this answer (all but a quiet acknowledgement).
-    fn awaited(&self) -> bool {
+    pub(super) fn awaited(&self) -> bool {
         !matches!(self, Self::Ack(None, _))
     }
 
@@ -443,12 +443,10 @@ fn commit_batch(
             }
         }
     }
-    let awaited = answers.iter().any(Answer::awaited);
     Committed::Batch {
         answers,
         last_position,
         wrote,
-        awaited,
     }
 }
 
