@@ -15,6 +15,7 @@ mod machine;
 mod plot;
 mod population;
 mod relay;
+mod repeats;
 mod report;
 mod server;
 
@@ -92,6 +93,11 @@ enum Command {
         /// every frame is acknowledged on arrival).
         #[arg(long, default_value_t = 0)]
         ack_delay_ms: u64,
+        /// Timed runs of every setting (the peak and each fraction) on the same server;
+        /// the peak is the median of its runs, the summary and the plot use the run with
+        /// the median p99 of each fraction, and the JSON has every run.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
     /// Idle authenticated push-mode connections: server memory per connection.
     Idle {
@@ -220,7 +226,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             fractions,
             plot: plot_path,
             ack_delay_ms,
+            repeat,
         } => {
+            let repeat = (*repeat).max(1);
             let server = ServerProcess::start(&options).await?;
             let population = Population::new(&server.url)?;
             let pairs = population.pairs(*pairs, "").await?;
@@ -237,26 +245,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let peak = match peak {
                 Some(peak) => *peak,
                 None => {
-                    let prepared = relay::prepare_all(&pairs, &relay)?;
-                    let result = relay::run(&server, &pairs, &prepared, &relay).await?;
-                    let peak = result.delivered_per_second;
-                    results.push(result);
-                    print_relay(&results);
-                    peak
+                    let mut rates = Vec::with_capacity(repeat);
+                    for _ in 0..repeat {
+                        let prepared = relay::prepare_all(&pairs, &relay)?;
+                        let result = relay::run(&server, &pairs, &prepared, &relay).await?;
+                        rates.push(result.delivered_per_second);
+                        results.push(result);
+                        print_relay(&results);
+                    }
+                    repeats::lower_median(&rates).context("no peak run")?
                 }
             };
             for fraction in fractions {
                 relay.rate = Some(peak * fraction);
                 // Enough messages for ~5 s at this rate, within the bound given.
                 relay.messages = ((peak * fraction * 5.0) as usize).clamp(1_000, *messages);
-                let prepared = relay::prepare_all(&pairs, &relay)?;
-                results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
-                print_relay(&results);
+                for _ in 0..repeat {
+                    let prepared = relay::prepare_all(&pairs, &relay)?;
+                    results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
+                    print_relay(&results);
+                }
             }
             // The JSON first: a plot that cannot be written must not lose the figures.
             let recorded = Recorded::finish(&disk_dir, machine, results)?;
             write_json(&args.out.join("latency.json"), &recorded)?;
-            plot::latency_under_load(plot_path, &recorded.results)
+            let settings = repeats::by_setting(
+                &recorded.results,
+                |r| r.offered_rate.map(f64::to_bits),
+                |r| match r.offered_rate {
+                    // The peak's runs stand for the peak by their rate, the rest by p99.
+                    None => r.delivered_per_second,
+                    Some(_) => r.latency.p99_ms,
+                },
+            );
+            if repeat > 1 {
+                print_latency_summary(&recorded.results, &settings);
+            }
+            let medians: Vec<RelayResult> = settings
+                .iter()
+                .map(|s| recorded.results[s.median].clone())
+                .collect();
+            plot::latency_under_load(plot_path, &medians)
         }
         Command::Idle { steps } => {
             let server = ServerProcess::start(&options).await?;
@@ -377,6 +406,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::IdleWorker { .. } => unreachable!("handled above"),
     }
+}
+
+/// One row per setting of a repeated latency run: its median run and the spread of p99.
+fn print_latency_summary(results: &[RelayResult], settings: &[repeats::Setting]) {
+    let rows: Vec<Vec<String>> = settings
+        .iter()
+        .map(|setting| {
+            let median = &results[setting.median];
+            let p99s: Vec<f64> = setting
+                .runs
+                .iter()
+                .map(|i| results[*i].latency.p99_ms)
+                .collect();
+            let (low, high) = p99s
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                    (lo.min(*v), hi.max(*v))
+                });
+            vec![
+                median.offered_rate.map_or("max".into(), thousands),
+                setting.runs.len().to_string(),
+                thousands(median.delivered_per_second),
+                format!("{:.1}", median.server_cpu_us_per_message),
+                format!("{:.2}", median.latency.p50_ms),
+                format!("{:.2}", median.latency.p99_ms),
+                format!("{low:.2}–{high:.2}"),
+            ]
+        })
+        .collect();
+    print_table(
+        "latency by setting (the run with the median p99; for the peak, the median rate)",
+        &[
+            "offered/s",
+            "runs",
+            "msg/s",
+            "server µs/msg",
+            "p50 ms",
+            "p99 ms",
+            "p99 range ms",
+        ],
+        &rows,
+    );
 }
 
 fn print_relay(results: &[RelayResult]) {
