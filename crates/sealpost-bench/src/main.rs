@@ -245,15 +245,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let peak = match peak {
                 Some(peak) => *peak,
                 None => {
-                    let mut rates = Vec::with_capacity(repeat);
                     for _ in 0..repeat {
                         let prepared = relay::prepare_all(&pairs, &relay)?;
-                        let result = relay::run(&server, &pairs, &prepared, &relay).await?;
-                        rates.push(result.delivered_per_second);
-                        results.push(result);
+                        results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
                         print_relay(&results);
                     }
-                    repeats::lower_median(&rates).context("no peak run")?
+                    let rates: Vec<f64> = results.iter().map(|r| r.delivered_per_second).collect();
+                    repeats::median_of(&rates, |rate| *rate).context("no peak run")?
                 }
             };
             for fraction in fractions {
@@ -281,9 +279,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if repeat > 1 {
                 print_latency_summary(&recorded.results, &settings);
             }
-            let medians: Vec<RelayResult> = settings
+            let medians: Vec<&RelayResult> = settings
                 .iter()
-                .map(|s| recorded.results[s.median].clone())
+                .map(|s| &recorded.results[s.median])
                 .collect();
             plot::latency_under_load(plot_path, &medians)
         }
@@ -414,16 +412,9 @@ fn print_latency_summary(results: &[RelayResult], settings: &[repeats::Setting])
         .iter()
         .map(|setting| {
             let median = &results[setting.median];
-            let p99s: Vec<f64> = setting
-                .runs
-                .iter()
-                .map(|i| results[*i].latency.p99_ms)
-                .collect();
-            let (low, high) = p99s
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                    (lo.min(*v), hi.max(*v))
-                });
+            let p99s = setting.runs.iter().map(|i| results[*i].latency.p99_ms);
+            let low = p99s.clone().fold(f64::INFINITY, f64::min);
+            let high = p99s.fold(f64::NEG_INFINITY, f64::max);
             vec![
                 median.offered_rate.map_or("max".into(), thousands),
                 setting.runs.len().to_string(),

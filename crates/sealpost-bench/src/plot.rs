@@ -8,11 +8,11 @@ use plotters::prelude::*;
 use crate::relay::RelayResult;
 
 /// Plots p50, p99 and p99.9 latency (log scale, ms) against delivered messages/s.
-pub fn latency_under_load(path: &Path, runs: &[RelayResult]) -> anyhow::Result<()> {
+pub fn latency_under_load(path: &Path, runs: &[&RelayResult]) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut points: Vec<&RelayResult> = runs.iter().collect();
+    let mut points: Vec<&RelayResult> = runs.to_vec();
     points.sort_by(|a, b| a.delivered_per_second.total_cmp(&b.delivered_per_second));
     let max_x = points
         .iter()

@@ -39,18 +39,18 @@ pub fn by_setting<T, K: PartialEq>(
     groups
         .into_iter()
         .map(|runs| {
-            let mut sorted = runs.clone();
-            sorted.sort_by(|a, b| figure(&items[*a]).total_cmp(&figure(&items[*b])));
-            let median = sorted[(sorted.len() - 1) / 2];
+            // Every group has its first run, so it is never empty.
+            let median = median_of(&runs, |i| figure(&items[*i])).unwrap_or(runs[0]);
             Setting { runs, median }
         })
         .collect()
 }
 
-/// The median of `values` (the lower middle one for an even count); `None` when empty.
-pub fn lower_median(values: &[f64]) -> Option<f64> {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
+/// The item with the median of `figure` (the lower middle one for an even count);
+/// `None` when there is none.
+pub fn median_of<T: Copy>(items: &[T], figure: impl Fn(&T) -> f64) -> Option<T> {
+    let mut sorted = items.to_vec();
+    sorted.sort_by(|a, b| figure(a).total_cmp(&figure(b)));
     sorted.get(sorted.len().checked_sub(1)? / 2).copied()
 }
 
@@ -92,8 +92,8 @@ mod tests {
         let settings = by_setting(&runs, |r| r.0, |r| r.1);
         assert_eq!(settings.len(), 1);
         assert_eq!(settings[0].median, 3, "2.0 is the lower of the middle two");
-        assert_eq!(lower_median(&[4.0, 1.0, 3.0, 2.0]), Some(2.0));
-        assert_eq!(lower_median(&[]), None);
+        assert_eq!(median_of(&[4.0, 1.0, 3.0, 2.0], |v| *v), Some(2.0));
+        assert_eq!(median_of(&[] as &[f64], |v| *v), None);
     }
 
     #[test]
