@@ -36,7 +36,7 @@ pub(crate) use self::sweep::FORGET_IF_DELIVERED;
 
 use self::cache::Cache;
 use self::durability::{Committed, DurableMark};
-use self::sweep::Sweeper;
+use self::sweep::{Reach, SWEEP_STEP, Sweeper};
 use super::{Delivery, SequenceOutcome, SequenceRequest, StoreError};
 
 /// Most jobs one transaction carries.
@@ -306,8 +306,9 @@ impl Writer {
                 .iter()
                 .position(|job| matches!(job, Job::Close(_)))
                 .map(|at| batch.drain(at..).collect::<Vec<_>>());
+            let mut size = 0;
             if !batch.is_empty() {
-                let size = batch.len();
+                size = batch.len();
                 let swept = self.sweeper.cursor();
                 let published = commit_batch(
                     &mut self.conn,
@@ -334,7 +335,12 @@ impl Writer {
                 // system call that returns at once, once per batch.
                 std::thread::yield_now();
             }
-            self.sweep(sweeps);
+            // A busy writer sweeps a step after each batch, at least as many ids as the
+            // batch could have added; an idle one catches up until jobs come.
+            let mut swept = self.sweep(sweeps, Reach::AtMost(SWEEP_STEP + size as i64));
+            while swept && self.sweeper.behind() && jobs.is_empty() {
+                swept = self.sweep(Vec::new(), Reach::AtMost(SWEEP_STEP));
+            }
             if self.checkpointer.take_restart() {
                 self.finish_checkpoint();
             }
@@ -345,8 +351,9 @@ impl Writer {
         }
     }
 
-    /// Runs the sweep after a batch or on a tick, and answers the jobs that forced one.
-    fn sweep(&mut self, jobs: Vec<Job>) {
+    /// Runs the sweep after a batch or on a tick, and answers the jobs that forced one
+    /// (those sweep everything due at once). Returns false if it failed.
+    fn sweep(&mut self, jobs: Vec<Job>, reach: Reach) -> bool {
         let answers: Vec<_> = jobs
             .into_iter()
             .filter_map(|job| match job {
@@ -354,7 +361,12 @@ impl Writer {
                 _ => None,
             })
             .collect();
-        let result = self.sweeper.run(&mut self.conn, !answers.is_empty());
+        let reach = if answers.is_empty() {
+            reach
+        } else {
+            Reach::All
+        };
+        let result = self.sweeper.run(&mut self.conn, reach);
         if let Err(err) = &result {
             // The next sweep covers the range again; nothing is lost.
             tracing::warn!(error = %err, "sweeping delivered ciphertexts failed");
@@ -365,6 +377,7 @@ impl Writer {
                 Err(err) => Err(StoreError::CommitFailed(err.to_string())),
             });
         }
+        result.is_ok()
     }
 
     /// Copies back what the checkpoint thread's last pass left (see [`checkpoint`]), so

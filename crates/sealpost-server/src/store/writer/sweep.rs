@@ -28,6 +28,23 @@ pub const LAG: Duration = Duration::from_secs(2);
 /// How often the newest message id is noted as a future sweep bound.
 const MARK_EVERY: Duration = Duration::from_millis(100);
 
+/// Message ids one sweep covers at least (the writer adds the size of the batch before,
+/// so that it keeps pace with any load). The writer sweeps after every batch, so a busy
+/// writer takes what is due in steps about this size instead of a whole [`MARK_EVERY`] of
+/// messages at once: at 25,000 messages a second that was ~2,500 rows in one transaction,
+/// a stall of several milliseconds for every send ten times a second, which was most of
+/// the p99 latency at half load (docs/BENCHMARKS.md, section 2).
+pub(super) const SWEEP_STEP: i64 = 256;
+
+/// How far one call of [`Sweeper::run`] sweeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    /// What is due, at most this many message ids past the cursor.
+    AtMost(i64),
+    /// Every message there is, due or not, in one go (tests and forced sweeps).
+    All,
+}
+
 /// Drops a message's ciphertext if none of its envelopes is left.
 pub(crate) const FORGET_IF_DELIVERED: &str = "DELETE FROM payloads WHERE id = ?1 AND NOT EXISTS \
      (SELECT 1 FROM messages m JOIN mailbox b ON b.seq BETWEEN m.first_seq AND m.last_seq \
@@ -45,6 +62,8 @@ pub(super) struct Sweeper {
     cursor: i64,
     /// (when, the newest message id then), oldest first.
     marks: VecDeque<(Instant, i64)>,
+    /// Messages up to this id are due (their mark is [`LAG`] old).
+    due: i64,
 }
 
 impl Sweeper {
@@ -57,9 +76,11 @@ impl Sweeper {
                 |row| row.get(0),
             )
             .optional()?;
+        let cursor = cursor.unwrap_or(0);
         Ok(Self {
-            cursor: cursor.unwrap_or(0),
+            cursor,
             marks: VecDeque::new(),
+            due: cursor,
         })
     }
 
@@ -69,10 +90,15 @@ impl Sweeper {
         self.cursor
     }
 
+    /// True while messages are due that have not been swept.
+    pub fn behind(&self) -> bool {
+        self.due > self.cursor
+    }
+
     /// Called after every commit and on every tick: notes the newest message id now and
-    /// then, and sweeps up to the newest one noted at least [`LAG`] ago. With `all`, sweeps
-    /// every message now (tests; nothing else needs it). Returns the ciphertexts dropped.
-    pub fn run(&mut self, conn: &mut Connection, all: bool) -> Result<u64, StoreError> {
+    /// then, and sweeps towards the newest one noted at least [`LAG`] ago, as far as
+    /// `reach` allows. Returns the ciphertexts dropped.
+    pub fn run(&mut self, conn: &mut Connection, reach: Reach) -> Result<u64, StoreError> {
         let now = Instant::now();
         let newest = || -> Result<i64, StoreError> {
             Ok(
@@ -81,9 +107,8 @@ impl Sweeper {
                 })?,
             )
         };
-        let mut upto = None;
-        if all {
-            upto = Some(newest()?);
+        if reach == Reach::All {
+            self.due = self.due.max(newest()?);
             self.marks.clear();
         } else {
             if self
@@ -98,13 +123,17 @@ impl Sweeper {
                 if now.duration_since(at) < LAG {
                     break;
                 }
-                upto = Some(id);
+                self.due = self.due.max(id);
                 self.marks.pop_front();
             }
         }
-        let Some(upto) = upto.filter(|upto| *upto > self.cursor) else {
-            return Ok(0);
+        let upto = match reach {
+            Reach::All => self.due,
+            Reach::AtMost(ids) => self.due.min(self.cursor.saturating_add(ids.max(1))),
         };
+        if upto <= self.cursor {
+            return Ok(0);
+        }
         // Its own transaction, committed without waiting for the disk: if a crash takes it
         // back, the cursor goes back with it and the range is swept again.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -162,7 +191,10 @@ mod tests {
         let mut sweeper = Sweeper::load(&conn).unwrap();
         assert_eq!(sweeper.cursor(), 0);
         // Notes the newest id (2), but that is not yet `LAG` old.
-        assert_eq!(sweeper.run(&mut conn, false).unwrap(), 0);
+        assert_eq!(
+            sweeper.run(&mut conn, Reach::AtMost(SWEEP_STEP)).unwrap(),
+            0
+        );
         assert_eq!(payloads(&conn), vec![1, 2]);
         assert_eq!(sweeper.marks.len(), 1);
 
@@ -171,7 +203,10 @@ mod tests {
             .checked_sub(LAG + Duration::from_secs(1))
             .unwrap();
         sweeper.marks[0].0 = aged;
-        assert_eq!(sweeper.run(&mut conn, false).unwrap(), 1);
+        assert_eq!(
+            sweeper.run(&mut conn, Reach::AtMost(SWEEP_STEP)).unwrap(),
+            1
+        );
         // Message 2 still has an envelope at position 3.
         assert_eq!(payloads(&conn), vec![2]);
         assert_eq!(sweeper.cursor(), 2);
@@ -180,10 +215,55 @@ mod tests {
         // Behind the cursor, the last envelope's removal is what drops it.
         conn.execute("DELETE FROM mailbox WHERE seq = 3", [])
             .unwrap();
-        assert_eq!(sweeper.run(&mut conn, true).unwrap(), 0);
+        assert_eq!(sweeper.run(&mut conn, Reach::All).unwrap(), 0);
         assert_eq!(payloads(&conn), vec![2]);
         conn.execute(FORGET_IF_DELIVERED, [2]).unwrap();
         assert!(payloads(&conn).is_empty());
+    }
+
+    /// A long due range is swept in steps of `SWEEP_STEP` ids, one per call, and
+    /// `Reach::All` takes the rest at once.
+    #[test]
+    fn sweeps_a_long_range_in_steps() {
+        let mut conn = database();
+        conn.execute_batch(
+            "WITH RECURSIVE n(id) AS (SELECT 3 UNION ALL SELECT id + 1 FROM n WHERE id < 1000)
+             INSERT INTO messages SELECT id, 10 + id, 10 + id FROM n;
+             WITH RECURSIVE n(id) AS (SELECT 3 UNION ALL SELECT id + 1 FROM n WHERE id < 1000)
+             INSERT INTO payloads SELECT id, x'cc' FROM n;",
+        )
+        .unwrap();
+        let mut sweeper = Sweeper::load(&conn).unwrap();
+        assert_eq!(
+            sweeper.run(&mut conn, Reach::AtMost(SWEEP_STEP)).unwrap(),
+            0,
+            "not due yet"
+        );
+        sweeper.marks[0].0 = Instant::now()
+            .checked_sub(LAG + Duration::from_secs(1))
+            .unwrap();
+        // Ids 1..=256: message 2 keeps its ciphertext (an envelope is left).
+        assert_eq!(
+            sweeper.run(&mut conn, Reach::AtMost(SWEEP_STEP)).unwrap(),
+            255
+        );
+        assert_eq!(sweeper.cursor(), SWEEP_STEP);
+        assert_eq!(
+            sweeper.run(&mut conn, Reach::AtMost(SWEEP_STEP)).unwrap(),
+            256
+        );
+        assert_eq!(sweeper.cursor(), 2 * SWEEP_STEP);
+        assert!(sweeper.behind());
+        assert_eq!(Sweeper::load(&conn).unwrap().cursor(), 2 * SWEEP_STEP);
+        assert_eq!(sweeper.run(&mut conn, Reach::All).unwrap(), 1000 - 512);
+        assert_eq!(sweeper.cursor(), 1000);
+        assert_eq!(payloads(&conn), vec![2]);
+        assert!(!sweeper.behind());
+        assert_eq!(
+            sweeper.run(&mut conn, Reach::AtMost(SWEEP_STEP)).unwrap(),
+            0,
+            "nothing left"
+        );
     }
 
     /// While an envelope is left, the late path keeps the ciphertext.
