@@ -324,6 +324,13 @@ const MIGRATIONS: &[Migration] = &[
     // JSON with the ciphertext in base64 and its text a second time (history has it):
     // a third of the row, no JSON per send.
     Migration::Sql("ALTER TABLE outbox ADD COLUMN message BLOB;"),
+    // 8: the contacts whose key change awaits acceptance, indexed on their own. Every
+    // send and every KeyPackage claim of an add asks for them (`blocked_members`); the
+    // list is almost always empty, but without the index each ask read every contact,
+    // a thousand rows per claimed user when a group of a thousand is made.
+    Migration::Sql(
+        "CREATE INDEX contacts_pending ON contacts(username) WHERE pending_key IS NOT NULL;",
+    ),
 ];
 
 fn migrate(connection: &mut Connection) -> Result<(), CoreError> {

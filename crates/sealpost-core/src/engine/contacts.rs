@@ -159,15 +159,18 @@ pub(crate) fn observe_account_key(
     }
 }
 
+/// The contacts with a key change awaiting acceptance.
+const PENDING_KEY_CHANGES: &str = "SELECT username FROM contacts WHERE pending_key IS NOT NULL";
+
 /// Users whose unaccepted key change blocks sending to this group, in the order given.
 pub(crate) fn blocked_members(
     tx: &Connection,
     usernames: impl IntoIterator<Item = String>,
 ) -> Result<Vec<String>, CoreError> {
     // Key changes awaiting acceptance are rare: one query for all of them, whatever the
-    // size of the group.
+    // size of the group, answered from the partial index `contacts_pending`.
     let pending: Vec<String> = tx
-        .prepare_cached("SELECT username FROM contacts WHERE pending_key IS NOT NULL")?
+        .prepare_cached(PENDING_KEY_CHANGES)?
         .query_map([], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
     let mut blocked = Vec::new();
@@ -422,5 +425,55 @@ impl Engine {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add_contact(tx: &Connection, username: &str, pending: Option<&[u8]>) {
+        tx.execute(
+            "INSERT INTO contacts (username, account_key, first_seen, pending_key) \
+             VALUES (?, x'01', 0, ?)",
+            params![username, pending],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn pending_key_changes_are_read_from_their_index_not_from_every_contact() {
+        let conn = crate::store::open_in_memory().unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {PENDING_KEY_CHANGES}"))
+            .unwrap()
+            .query_map([], |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|step| step.contains("contacts_pending")),
+            "plan: {plan:?}"
+        );
+    }
+
+    #[test]
+    fn blocked_members_are_the_given_users_with_a_pending_key_in_order() {
+        let conn = crate::store::open_in_memory().unwrap();
+        for n in 0..50 {
+            add_contact(&conn, &format!("user{n}"), None);
+        }
+        add_contact(&conn, "carol", Some(b"new key"));
+        add_contact(&conn, "bob", Some(b"new key"));
+        let asked = ["alice", "bob", "user7", "carol", "bob"].map(str::to_owned);
+        assert_eq!(
+            blocked_members(&conn, asked).unwrap(),
+            ["bob".to_owned(), "carol".to_owned()]
+        );
+        assert!(
+            blocked_members(&conn, ["user1".to_owned()])
+                .unwrap()
+                .is_empty()
+        );
     }
 }
