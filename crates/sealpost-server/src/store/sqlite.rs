@@ -1406,6 +1406,55 @@ mod tests {
             .unwrap()
     }
 
+    /// The writer sweeps at most a step of ids per batch or tick, but an idle writer keeps
+    /// stepping: a long range of delivered messages loses its ciphertexts within a moment
+    /// of falling due, not one step per tick (32 steps of the checkpoint thread's 250 ms
+    /// ticks would take 8 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_writer_sweeps_a_long_due_range_at_once() {
+        use super::super::writer::{SWEEP_LAG, SWEEP_STEP};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let group = "c9".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        let ids = mailbox_ids(&store, b).await;
+        store.ack(b, &ids).await.unwrap();
+        let messages = 32 * SWEEP_STEP as usize;
+        let sent = futures_util::future::join_all(
+            (0..messages).map(|_| store.sequence(request(&group, a, EnvelopeKind::Application, 1))),
+        )
+        .await;
+        let positions: Vec<u64> = sent
+            .into_iter()
+            .map(|outcome| {
+                let outcome = outcome.unwrap();
+                outcome
+                    .deliveries
+                    .iter()
+                    .find(|d| d.device == b)
+                    .unwrap()
+                    .mailbox_id
+            })
+            .collect();
+        for chunk in positions.chunks(256) {
+            store.ack(b, chunk).await.unwrap();
+        }
+        assert!(payload_rows(&store).await.len() >= messages);
+        let deadline = std::time::Instant::now() + SWEEP_LAG + Duration::from_secs(2);
+        loop {
+            let left = payload_rows(&store).await.len();
+            if left == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{left} ciphertexts left {} s after the last acknowledgement",
+                (SWEEP_LAG + Duration::from_secs(2)).as_secs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A ciphertext stays while any envelope of its message is in a mailbox and goes in
     /// the sweep after the last is acknowledged; once its range was swept, the last
     /// acknowledgement (or the removal of the last recipient's device) drops it at once.

@@ -33,10 +33,13 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 pub(crate) use self::sweep::FORGET_IF_DELIVERED;
+#[cfg(test)]
+pub(crate) use self::sweep::LAG as SWEEP_LAG;
+pub(crate) use self::sweep::SWEEP_STEP;
 
 use self::cache::Cache;
 use self::durability::{Committed, DurableMark};
-use self::sweep::{Reach, SWEEP_STEP, Sweeper};
+use self::sweep::{Reach, Sweeper};
 use super::{Delivery, SequenceOutcome, SequenceRequest, StoreError};
 
 /// Most jobs one transaction carries.

@@ -34,7 +34,7 @@ const MARK_EVERY: Duration = Duration::from_millis(100);
 /// messages at once: at 25,000 messages a second that was ~2,500 rows in one transaction,
 /// a stall of several milliseconds for every send ten times a second, which was most of
 /// the p99 latency at half load (docs/BENCHMARKS.md, section 2).
-pub(super) const SWEEP_STEP: i64 = 256;
+pub const SWEEP_STEP: i64 = 256;
 
 /// How far one call of [`Sweeper::run`] sweeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
