@@ -1440,7 +1440,8 @@ mod tests {
             store.ack(b, chunk).await.unwrap();
         }
         assert!(payload_rows(&store).await.len() >= messages);
-        let deadline = std::time::Instant::now() + SWEEP_LAG + Duration::from_secs(2);
+        let within = SWEEP_LAG + Duration::from_secs(2);
+        let deadline = std::time::Instant::now() + within;
         loop {
             let left = payload_rows(&store).await.len();
             if left == 0 {
@@ -1449,7 +1450,7 @@ mod tests {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{left} ciphertexts left {} s after the last acknowledgement",
-                (SWEEP_LAG + Duration::from_secs(2)).as_secs()
+                within.as_secs()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -309,9 +309,8 @@ impl Writer {
                 .iter()
                 .position(|job| matches!(job, Job::Close(_)))
                 .map(|at| batch.drain(at..).collect::<Vec<_>>());
-            let mut size = 0;
-            if !batch.is_empty() {
-                size = batch.len();
+            let size = batch.len();
+            if size > 0 {
                 let swept = self.sweeper.cursor();
                 let published = commit_batch(
                     &mut self.conn,

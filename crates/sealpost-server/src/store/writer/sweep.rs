@@ -229,8 +229,7 @@ mod tests {
         conn.execute_batch(
             "WITH RECURSIVE n(id) AS (SELECT 3 UNION ALL SELECT id + 1 FROM n WHERE id < 1000)
              INSERT INTO messages SELECT id, 10 + id, 10 + id FROM n;
-             WITH RECURSIVE n(id) AS (SELECT 3 UNION ALL SELECT id + 1 FROM n WHERE id < 1000)
-             INSERT INTO payloads SELECT id, x'cc' FROM n;",
+             INSERT INTO payloads SELECT id, x'cc' FROM messages WHERE id >= 3;",
         )
         .unwrap();
         let mut sweeper = Sweeper::load(&conn).unwrap();
