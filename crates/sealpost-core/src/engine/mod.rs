@@ -15,6 +15,7 @@ pub mod contacts;
 pub mod conversations;
 pub mod inbound;
 pub mod queries;
+mod signer;
 pub mod transparency;
 
 use std::cell::RefCell;
@@ -37,6 +38,7 @@ use sealpost_proto::names::validate_username;
 use serde::Serialize;
 use uuid::Uuid;
 
+use self::signer::DeviceSigner;
 use crate::error::CoreError;
 use crate::identity::AccountKey;
 use crate::payload::CONVERSATION_INFO_EXTENSION;
@@ -90,7 +92,7 @@ pub struct Identity {
     pub device_id: Uuid,
     pub server_url: String,
     pub(crate) account: AccountKey,
-    pub(crate) signer: SignatureKeyPair,
+    pub(crate) signer: DeviceSigner,
     pub(crate) credential: CredentialWithKey,
 }
 
@@ -172,6 +174,7 @@ impl Engine {
             CIPHERSUITE.signature_algorithm(),
         )
         .ok_or_else(|| missing("device signing key"))?;
+        let signer = DeviceSigner::new(&signer)?;
         Ok(Some(Identity {
             username,
             device_id,
