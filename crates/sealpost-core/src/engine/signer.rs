@@ -47,8 +47,9 @@ impl DeviceSigner {
 
 /// The pair's private half. `SignatureKeyPair` shows it only to its own tests, but its
 /// serde form is a stable storage format (`{"private": [bytes], ...}`, kept by
-/// `openmls_basic_credential` for stored key pairs), so it is read from there; every
-/// copy is zeroized.
+/// `openmls_basic_credential` for stored key pairs), so it is read from there. The
+/// buffers this fills are zeroized when dropped (best effort: serde's own intermediate
+/// copies are not ours to clear).
 fn seed(pair: &SignatureKeyPair) -> Result<Zeroizing<[u8; 32]>, CoreError> {
     #[derive(Deserialize)]
     struct Stored {
