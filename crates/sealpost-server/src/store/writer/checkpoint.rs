@@ -155,22 +155,37 @@ fn run(
 ///
 /// Returns what the last pass returned.
 fn copy_back(conn: &Connection, db: &File) -> Result<(i64, i64), StoreError> {
-    let (mut frames, mut copied) = checkpoint(conn)?;
+    passes_then_sync(
+        || Ok(checkpoint(conn)?),
+        || {
+            db.sync_data().map_err(|err| {
+                StoreError::CommitFailed(format!("syncing the database failed: {err}"))
+            })
+        },
+    )
+}
+
+/// [`copy_back`]'s policy over any pass (which returns the WAL's frames and how many are
+/// copied back) and any sync of the database file.
+fn passes_then_sync(
+    mut pass: impl FnMut() -> Result<(i64, i64), StoreError>,
+    sync: impl FnOnce() -> Result<(), StoreError>,
+) -> Result<(i64, i64), StoreError> {
+    let (mut frames, mut copied) = pass()?;
     if frames < RESTART_FRAMES {
         return Ok((frames, copied));
     }
     let mut passes = 1;
     while passes < MAX_PASSES {
         let before = frames;
-        (frames, copied) = checkpoint(conn)?;
+        (frames, copied) = pass()?;
         passes += 1;
         // Fewer frames than before: the WAL started over in between.
         if frames < before || frames - before <= TAIL_FRAMES {
             break;
         }
     }
-    db.sync_data()
-        .map_err(|err| StoreError::CommitFailed(format!("syncing the database failed: {err}")))?;
+    sync()?;
     Ok((frames, copied))
 }
 
@@ -248,6 +263,68 @@ mod tests {
         let (frames, _) = checkpoint(&writer).unwrap();
         assert!(frames <= 3, "the WAL did not start over: {frames} frames");
         checkpointer.stop();
+    }
+
+    /// Runs [`passes_then_sync`] over passes that report `wal` frames in turn (each
+    /// copying everything it saw); returns its result, the passes run and the syncs.
+    fn policy(wal: &[i64]) -> ((i64, i64), usize, usize) {
+        let mut reports = wal.iter().copied();
+        let mut passes = 0;
+        let mut syncs = 0;
+        let result = passes_then_sync(
+            || {
+                passes += 1;
+                let frames = reports.next().expect("more passes than the test planned");
+                Ok((frames, frames))
+            },
+            || {
+                syncs += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        (result, passes, syncs)
+    }
+
+    /// A short WAL: one pass, and the database is not synced (the writer's own finish is
+    /// not asked for, and SQLite syncs after a pass that copies everything anyway).
+    #[test]
+    fn a_short_wal_gets_one_pass_and_no_sync() {
+        assert_eq!(
+            policy(&[RESTART_FRAMES - 1]),
+            ((RESTART_FRAMES - 1, RESTART_FRAMES - 1), 1, 0)
+        );
+    }
+
+    /// A long WAL: passes follow while each finds more than `TAIL_FRAMES` new frames, then
+    /// one sync.
+    #[test]
+    fn a_long_wal_gets_passes_until_the_tail_is_short_then_a_sync() {
+        let long = RESTART_FRAMES + 500;
+        let wal = [
+            long,
+            long + 200,
+            long + 200 + TAIL_FRAMES + 1,
+            long + 200 + 2 * TAIL_FRAMES + 1,
+        ];
+        assert_eq!(policy(&wal), ((wal[3], wal[3]), 4, 1));
+    }
+
+    /// A writer faster than the passes: at most `MAX_PASSES`, then the sync regardless.
+    #[test]
+    fn a_writer_faster_than_the_passes_is_not_chased_forever() {
+        let wal: Vec<i64> = (0..MAX_PASSES as i64 + 5)
+            .map(|i| RESTART_FRAMES + i * 10 * TAIL_FRAMES)
+            .collect();
+        let last = wal[MAX_PASSES - 1];
+        assert_eq!(policy(&wal), ((last, last), MAX_PASSES, 1));
+    }
+
+    /// The WAL started over between two passes (fewer frames than before): no more passes.
+    #[test]
+    fn a_wal_that_started_over_ends_the_passes() {
+        let wal = [RESTART_FRAMES + 900, 40, 1_000_000];
+        assert_eq!(policy(&wal), ((40, 40), 2, 1));
     }
 
     #[test]
