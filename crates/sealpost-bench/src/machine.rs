@@ -1,7 +1,7 @@
 //! A check of the machine around every scenario: how long `fdatasync` takes, right now, on
-//! the file system the server's database lives on, how long a fixed loop of CPU work and a
-//! walk through memory take on the generator's core, and how long one CPU takes to wake
-//! a thread on the other.
+//! the file system the server's database lives on, how long a fixed loop of CPU work, a
+//! walk through memory and a trivial system call take on the generator's core, and how
+//! long one CPU takes to wake a thread on the other.
 //!
 //! The published figures come from shared virtual machines that slow down for minutes or
 //! hours at a time (one session saw `fdatasync` p99 go from 0.3 ms to 5 ms within an hour,
@@ -39,6 +39,9 @@ const WALK_STEPS: usize = 1 << 20;
 /// Round trips of the cross-CPU wake-up: about 0.1–0.5 s here.
 const WAKE_TRIPS: usize = 2_000;
 
+/// Calls of the trivial system call: about 0.1 s at 0.5 µs a call.
+const SYSTEM_CALLS: usize = 200_000;
+
 /// p99 above which a check calls flushes slow. A healthy virtual disk here flushes an
 /// overwritten page in 0.1–0.4 ms at p99; 1 ms and more is a disk under someone else's load.
 pub const SLOW_FLUSH_P99_MS: f64 = 1.0;
@@ -55,13 +58,19 @@ pub const SLOW_FLUSH_P99_MS: f64 = 1.0;
 /// CPU). Waking an idle virtual CPU goes through the hypervisor, and on this machine kind
 /// its cost moves with the host's load: p50 77–109 µs a round trip in an hour when an
 /// unchanged server relayed half its usual rate (7–12 µs with the guest polling instead
-/// of halting while idle).
+/// of halting while idle). `system_call_ns`: the time of one `gettid`, a system call that
+/// does no work, i.e. the kernel's fixed cost of entering and leaving, which includes the
+/// CPU's side-channel mitigations (an AMD Zen 3 VM with "Safe RET" against speculative
+/// return stack overflow and CPU buffers cleared on each return to user space: ~0.34 µs).
+/// The server makes four socket calls per message at partial load, so machine kinds whose
+/// CPU loops take the same time can still differ in what a message costs the kernel.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct MachineCheck {
     pub page_bytes: usize,
     pub flush: Percentiles,
     pub cpu_loop_ms: f64,
     pub memory_walk_ns: f64,
+    pub system_call_ns: f64,
     pub wake_round_trip: Option<Percentiles>,
 }
 
@@ -75,7 +84,7 @@ impl MachineCheck {
     pub fn describe(&self) -> String {
         format!(
             "fdatasync of {} KiB: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} flushes); \
-             CPU loop {:.0} ms; memory walk {:.0} ns/step; {}{}",
+             CPU loop {:.0} ms; memory walk {:.0} ns/step; system call {:.0} ns; {}{}",
             self.page_bytes / 1024,
             self.flush.p50_ms,
             self.flush.p99_ms,
@@ -83,6 +92,7 @@ impl MachineCheck {
             self.flush.samples,
             self.cpu_loop_ms,
             self.memory_walk_ns,
+            self.system_call_ns,
             self.wake_round_trip.map_or_else(
                 || "one CPU, no cross-CPU wake-up".to_owned(),
                 |wake| format!(
@@ -101,8 +111,8 @@ impl MachineCheck {
 }
 
 /// Checks the machine: flushes in `dir` (with a temporary file that is removed
-/// afterwards), then the CPU loop and the memory walk. Blocking: call it while nothing else
-/// of the generator runs.
+/// afterwards), then the CPU loop, the memory walk, the system call and the wake-up.
+/// Blocking: call it while nothing else of the generator runs.
 pub fn check(dir: &Path) -> anyhow::Result<MachineCheck> {
     let mut file = tempfile::Builder::new()
         .prefix("sealpost-bench-machine-check")
@@ -125,6 +135,7 @@ pub fn check(dir: &Path) -> anyhow::Result<MachineCheck> {
         flush: Percentiles::of(&mut latencies),
         cpu_loop_ms: cpu_loop_ms(CPU_STEPS),
         memory_walk_ns: memory_walk_ns(WALK_ENTRIES, WALK_STEPS),
+        system_call_ns: system_call_ns(SYSTEM_CALLS),
         // A machine that will not let a thread onto CPU 0 or 1 (a cpuset) still gets its
         // other figures.
         wake_round_trip: wake_round_trip((0, 1), WAKE_TRIPS).unwrap_or_else(|err| {
@@ -191,6 +202,16 @@ fn memory_walk_ns(entries: usize, steps: usize) -> f64 {
     }
     std::hint::black_box(at);
     started.elapsed().as_secs_f64() * 1e9 / steps.max(1) as f64
+}
+
+/// Nanoseconds per call of `gettid`, which enters the kernel every time (neither the C
+/// library nor rustix keeps the answer), so the figure is the cost of the entry and exit.
+fn system_call_ns(calls: usize) -> f64 {
+    let started = Instant::now();
+    for _ in 0..calls {
+        std::hint::black_box(rustix::thread::gettid());
+    }
+    started.elapsed().as_secs_f64() * 1e9 / calls.max(1) as f64
 }
 
 /// `next[i]` is the slot after `i` in one random cycle through all `entries` slots
@@ -265,6 +286,18 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert!(check.cpu_loop_ms > 0.0);
         assert!(check.memory_walk_ns > 0.0);
+        assert!(check.system_call_ns > 0.0);
+    }
+
+    #[test]
+    fn the_system_call_check_enters_the_kernel_each_time() {
+        // Entering and leaving the kernel takes tens of nanoseconds even on a fast CPU
+        // without mitigations; an answer kept in user space takes about one.
+        let ns = system_call_ns(20_000);
+        assert!(
+            ns >= 10.0,
+            "{ns} ns per call: the call did not reach the kernel"
+        );
     }
 
     #[test]
@@ -311,6 +344,7 @@ mod tests {
             page_bytes: PAGE,
             cpu_loop_ms: 100.0,
             memory_walk_ns: 100.0,
+            system_call_ns: 500.0,
             wake_round_trip: None,
             flush: Percentiles {
                 samples: FLUSHES,
