@@ -1408,8 +1408,8 @@ mod tests {
 
     /// The writer sweeps at most a step of ids per batch or tick, but an idle writer keeps
     /// stepping: a long range of delivered messages loses its ciphertexts within a moment
-    /// of falling due, not one step per tick (32 steps of the checkpoint thread's 250 ms
-    /// ticks would take 8 s).
+    /// of falling due, not one step per nudge (32 steps of the checkpoint thread's nudges,
+    /// four a second, would take 8 s).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_writer_sweeps_a_long_due_range_at_once() {
         use super::super::writer::{SWEEP_LAG, SWEEP_STEP};

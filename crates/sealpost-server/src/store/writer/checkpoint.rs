@@ -8,7 +8,7 @@
 //! milliseconds on a virtual disk) — the worst latencies of the relay benchmarks.
 //!
 //! This thread has its own connection and runs a `PASSIVE` checkpoint every
-//! [`INTERVAL`] (and then tells the writer to sweep, see [`spawn`]): a passive checkpoint copies what was committed when it began and takes
+//! [`INTERVAL`] (and, four times a second, tells the writer to sweep, see [`spawn`]): a passive checkpoint copies what was committed when it began and takes
 //! no lock that a writer waits for, so commits go on while it runs. A checkpoint with
 //! nothing new to copy returns at once, so an idle server does no work here. The writer's
 //! own `wal_autocheckpoint` stays as a backstop ([`super::BACKSTOP_PAGES`]), reached only
@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::mpsc::WeakSender;
@@ -45,11 +45,21 @@ use super::Job;
 use crate::store::StoreError;
 
 /// Time between checkpoints.
-/// Four a second: the shorter the interval, the less a pass leaves for the writer to
-/// finish and the smaller the WAL, at the cost of more syncs of the database file. Against
-/// one a second, p99 latency at half load fell from 17-29 ms to 12 ms while the peak rate
-/// moved by less than the run-to-run noise (docs/BENCHMARKS.md).
-pub const INTERVAL: Duration = Duration::from_millis(250);
+/// Twenty a second. Each pass copies back what was committed since the one before and
+/// SQLite syncs the database file after a pass that copies everything, so the shorter the
+/// interval, the shorter the burst of copying and of database writes on the shared core and
+/// disk, at the cost of copying a page that changes often more than once. At 250 ms those
+/// bursts were most of the p99 latency at partial load: the durability thread's WAL
+/// flushes, about one a millisecond otherwise, stopped for 4–9 ms around each pass (those
+/// during its database sync took 5 ms instead of 0.9). Against 250 ms, p99 at 21,400 msg/s fell from 10.6 to 6.9 ms (medians of six
+/// interleaved runs, ten pairs); at full load the checkpoint thread takes ~2% more of the
+/// core (docs/BENCHMARKS.md, section 2). Against one a second, 250 ms had taken p99 at
+/// half load from 17–29 ms to 12 ms.
+pub const INTERVAL: Duration = Duration::from_millis(50);
+
+/// How often the checkpoint thread nudges the writer to sweep delivered ciphertexts
+/// (see [`spawn`]): four times a second, as when that was the checkpoint interval.
+const SWEEP_NUDGE_EVERY: Duration = Duration::from_millis(250);
 
 /// WAL frames after a pass beyond which the writer is asked to finish the checkpoint (8
 /// MiB of 8 KiB pages; a busy server writes that in about a tenth of a second).
@@ -120,6 +130,7 @@ fn run(
     writer: &WeakSender<Job>,
     restart: &AtomicBool,
 ) {
+    let mut nudged = Instant::now();
     loop {
         match stop.recv_timeout(INTERVAL) {
             Err(RecvTimeoutError::Timeout) => {}
@@ -134,8 +145,11 @@ fn run(
         let Some(writer) = writer.upgrade() else {
             return;
         };
-        // A full queue means the writer is busy, and it sweeps after every batch anyway.
-        let _ = writer.try_send(Job::Sweep(None));
+        if nudged.elapsed() >= SWEEP_NUDGE_EVERY {
+            nudged = Instant::now();
+            // A full queue means the writer is busy, and it sweeps after every batch anyway.
+            let _ = writer.try_send(Job::Sweep(None));
+        }
     }
 }
 
