@@ -20,6 +20,7 @@ mod cache;
 mod checkpoint;
 pub mod durability;
 mod sequence;
+mod statements;
 mod sweep;
 
 use std::path::Path;
@@ -39,6 +40,7 @@ pub(crate) use self::sweep::SWEEP_STEP;
 
 use self::cache::Cache;
 use self::durability::{Committed, DurableMark};
+use self::statements::Statements;
 use self::sweep::{Reach, Sweeper};
 use super::{Delivery, SequenceOutcome, SequenceRequest, StoreError};
 
@@ -474,8 +476,9 @@ fn apply(
     batch: &mut [Job],
     swept: i64,
 ) -> Result<Vec<Done>, StoreError> {
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     cache.begin(&tx)?;
+    let mut statements = Statements::new(&tx);
     let mut results = Vec::with_capacity(batch.len());
     for job in batch.iter_mut() {
         let done = match job {
@@ -485,29 +488,34 @@ fn apply(
             // message). An error after a write can only be the database failing; then
             // the whole batch is rolled back and nobody is told "accepted".
             Job::Sequence(request, _) if request.kind == EnvelopeKind::Application => {
-                match sequence::sequence(&tx, cache, request) {
+                match sequence::sequence(&mut statements, cache, request) {
                     Err(err @ StoreError::Sqlite(_)) => return Err(err),
                     result => Done::Sequence(result),
                 }
             }
-            Job::Ack { device, ids, .. } => {
-                Done::Ack(Ok(sequence::ack(&tx, cache, *device, ids, swept)?))
-            }
+            Job::Ack { device, ids, .. } => Done::Ack(Ok(sequence::ack(
+                &mut statements,
+                cache,
+                *device,
+                ids,
+                swept,
+            )?)),
             // Handshake messages may be refused half-way (an unknown or duplicate added
             // device): they run under a savepoint that a refusal rolls back, and the
-            // cache forgets what they changed.
+            // cache forgets what they changed. (The savepoint is SQL rather than
+            // `Transaction::savepoint`, which would need the transaction exclusively while
+            // the batch's statements hold it.)
             Job::Sequence(request, _) => {
                 cache.start_undo();
-                let savepoint = tx.savepoint()?;
-                match sequence::sequence(&savepoint, cache, request) {
+                tx.execute_batch("SAVEPOINT handshake")?;
+                match sequence::sequence(&mut statements, cache, request) {
                     Ok(outcome) => {
-                        savepoint.commit()?;
+                        tx.execute_batch("RELEASE handshake")?;
                         cache.keep();
                         Done::Sequence(Ok(outcome))
                     }
                     Err(err) => {
-                        // Dropping the savepoint rolls it back.
-                        drop(savepoint);
+                        tx.execute_batch("ROLLBACK TO handshake; RELEASE handshake")?;
                         cache.undo();
                         Done::Sequence(Err(err))
                     }
@@ -517,6 +525,7 @@ fn apply(
         };
         results.push(done);
     }
+    drop(statements);
     cache.flush(&tx)?;
     tx.commit()?;
     Ok(results)

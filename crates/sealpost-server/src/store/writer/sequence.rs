@@ -2,10 +2,10 @@
 //!
 //! Group state, mailbox sizes and the mailbox position counter come from the writer's
 //! [`Cache`]; what is written here per message is only what must be: the message row
-//! (with its idempotency key, the number of recipients still to acknowledge it and the
-//! consecutive mailbox positions its envelopes took) and one mailbox row per recipient. An acknowledgement
-//! deletes mailbox rows and counts them off their messages; the one that takes a message
-//! to zero drops its ciphertext.
+//! (with its idempotency key and the consecutive mailbox positions its envelopes took),
+//! its ciphertext, and one mailbox row per recipient. An acknowledgement deletes mailbox
+//! rows; ciphertexts go in the writer's sweeps ([`super::sweep`]). The statements come
+//! from the batch's [`Statements`], prepared once per batch.
 
 use std::sync::Arc;
 
@@ -15,17 +15,18 @@ use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 use super::cache::Cache;
-use super::sweep::FORGET_IF_DELIVERED;
+use super::statements::Statements;
 use crate::store::{Delivery, SequenceOutcome, SequenceRequest, StoreError, StoredMessage};
 
 /// Sequences one request (see `Store::sequence`). Application messages check everything
 /// before their first write, so a refusal leaves nothing behind; handshake messages may
 /// be refused half-way and run under a savepoint (see the caller).
 pub(super) fn sequence(
-    tx: &Connection,
+    statements: &mut Statements<'_>,
     cache: &mut Cache,
     request: &mut SequenceRequest,
 ) -> Result<SequenceOutcome, StoreError> {
+    let tx = statements.conn();
     let hash = Sha256::digest(&request.payload);
     let Some(group) = cache.group(tx, &request.group_id)? else {
         return Err(StoreError::GroupNotFound);
@@ -67,7 +68,7 @@ pub(super) fn sequence(
     };
     let first_position = cache.take_mailbox_positions(tx, recipients.len())?;
     let Some(row) = insert_message(
-        tx,
+        statements,
         request,
         request.kind,
         group_seq,
@@ -96,7 +97,7 @@ pub(super) fn sequence(
     });
     let mut deliveries = Vec::with_capacity(recipients.len());
     deliver(
-        tx,
+        statements,
         cache,
         row,
         &message,
@@ -123,7 +124,7 @@ pub(super) fn sequence(
                 let welcome_position =
                     cache.take_mailbox_positions(tx, request.added_devices.len())?;
                 let welcome_row = insert_message(
-                    tx,
+                    statements,
                     request,
                     EnvelopeKind::Welcome,
                     group_seq,
@@ -140,7 +141,7 @@ pub(super) fn sequence(
                     ..(*message).clone()
                 });
                 deliver(
-                    tx,
+                    statements,
                     cache,
                     welcome_row,
                     &welcome_message,
@@ -206,7 +207,7 @@ fn quota_refusal(
 /// already.
 #[allow(clippy::too_many_arguments)]
 fn insert_message(
-    tx: &Connection,
+    statements: &mut Statements<'_>,
     request: &SequenceRequest,
     kind: EnvelopeKind,
     group_seq: i64,
@@ -216,31 +217,26 @@ fn insert_message(
     recipients: usize,
     first_position: i64,
 ) -> Result<Option<i64>, StoreError> {
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO messages (group_id, message_id, kind, group_seq, epoch_after, \
-             payload_hash, first_seq, last_seq, server_time, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![
-            request.group_id,
-            request.message_id.as_bytes().as_slice(),
-            kind.as_i64(),
-            group_seq,
-            epoch_after,
-            hash,
-            first_position,
-            first_position + recipients as i64 - 1,
-            request.now,
-            request.expires_at,
-        ])?;
+    let inserted = statements.insert_message()?.execute(params![
+        request.group_id,
+        request.message_id.as_bytes().as_slice(),
+        kind.as_i64(),
+        group_seq,
+        epoch_after,
+        hash,
+        first_position,
+        first_position + recipients as i64 - 1,
+        request.now,
+        request.expires_at,
+    ])?;
     if inserted != 1 {
         return Ok(None);
     }
-    let row = tx.last_insert_rowid();
+    let row = statements.conn().last_insert_rowid();
     // A message nobody else receives keeps no ciphertext.
     if recipients > 0 {
-        tx.prepare_cached("INSERT INTO payloads (id, payload) VALUES (?, ?)")?
+        statements
+            .insert_payload()?
             .execute(params![row, payload])?;
     }
     Ok(Some(row))
@@ -249,7 +245,7 @@ fn insert_message(
 /// Puts a message into each device's mailbox, at the positions from `first_position`,
 /// and records the deliveries.
 fn deliver(
-    tx: &Connection,
+    statements: &mut Statements<'_>,
     cache: &mut Cache,
     row: i64,
     message: &Arc<StoredMessage>,
@@ -257,8 +253,8 @@ fn deliver(
     first_position: i64,
     deliveries: &mut Vec<Delivery>,
 ) -> Result<(), StoreError> {
-    let mut insert =
-        tx.prepare_cached("INSERT INTO mailbox (seq, device_id, message) VALUES (?, ?, ?)")?;
+    let tx = statements.conn();
+    let insert = statements.insert_envelope()?;
     for (position, device) in (first_position..).zip(devices) {
         insert.execute(params![position, device.as_bytes().as_slice(), row])?;
         deliveries.push(Delivery {
@@ -347,31 +343,32 @@ fn previous_answer(
 /// loses its ciphertext: in the next sweep ([`super::sweep`]), or here if its id is at or
 /// below `swept`, the sweep's cursor (the row stays until it expires, for idempotency).
 pub(super) fn ack(
-    tx: &Connection,
+    statements: &mut Statements<'_>,
     cache: &mut Cache,
     device: Uuid,
     ids: &[u64],
     swept: i64,
 ) -> Result<u64, StoreError> {
-    let mut delete =
-        tx.prepare_cached("DELETE FROM mailbox WHERE seq = ? AND device_id = ? RETURNING message")?;
-    let mut forget = tx.prepare_cached(FORGET_IF_DELIVERED)?;
     let mut removed = 0;
     for id in ids {
         let Ok(seq) = i64::try_from(*id) else {
             continue;
         };
-        let message: Option<i64> = delete
+        // Found, then deleted by position: one statement with `RETURNING message` costs
+        // more than the two (see `super::statements`).
+        let message: Option<i64> = statements
+            .find_envelope()?
             .query_row(params![seq, device.as_bytes().as_slice()], |row| row.get(0))
             .optional()?;
         let Some(message) = message else { continue };
+        statements.delete_envelope()?.execute([seq])?;
         removed += 1;
         if message <= swept {
-            forget.execute([message])?;
+            statements.forget_if_delivered()?.execute([message])?;
         }
     }
     if removed > 0 {
-        cache.add_to_count(tx, device, -removed)?;
+        cache.add_to_count(statements.conn(), device, -removed)?;
     }
     Ok(removed as u64)
 }
