@@ -41,11 +41,10 @@ fn take<'a, 'conn>(
     slot: &'a mut Option<CachedStatement<'conn>>,
     sql: &str,
 ) -> Result<&'a mut CachedStatement<'conn>, StoreError> {
-    if slot.is_none() {
-        *slot = Some(conn.prepare_cached(sql)?);
+    match slot {
+        Some(statement) => Ok(statement),
+        None => Ok(slot.insert(conn.prepare_cached(sql)?)),
     }
-    slot.as_mut()
-        .ok_or(StoreError::Invalid("a prepared statement went missing"))
 }
 
 impl<'conn> Statements<'conn> {
