@@ -9,7 +9,7 @@ cargo build --release -p sealpost-server -p sealpost-bench
 bench=(taskset -c 1 target/release/sealpost-bench --server-cpus 0)
 
 "${bench[@]}" relay --pairs 10,100,1000 --messages 200000
-"${bench[@]}" latency --pairs 100 --messages 100000 --repeat 3
+"${bench[@]}" latency --pairs 100 --messages 100000 --repeat 3 --plot docs/latency-under-load.svg
 "${bench[@]}" idle --steps 1000,10000,19000
 "${bench[@]}" drain --messages 10000 --runs 5
 "${bench[@]}" fanout --members 10,100,1000 --rounds 20

@@ -87,8 +87,11 @@ enum Command {
         peak: Option<f64>,
         #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
         fractions: Vec<f64>,
-        #[arg(long, default_value = "docs/latency-under-load.svg")]
-        plot: PathBuf,
+        /// Where the plot goes (default: `latency-under-load.svg` beside the JSON, so that
+        /// a probe at one rate never replaces the plot in docs/; `scripts/bench.sh` names
+        /// docs/latency-under-load.svg).
+        #[arg(long)]
+        plot: Option<PathBuf>,
         /// Milliseconds a receiver may hold acknowledgements to send them together (0:
         /// every frame is acknowledged on arrival).
         #[arg(long, default_value_t = 0)]
@@ -283,7 +286,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .map(|s| &recorded.results[s.median])
                 .collect();
-            plot::latency_under_load(plot_path, &medians)
+            let plot_path = plot_path
+                .clone()
+                .unwrap_or_else(|| args.out.join("latency-under-load.svg"));
+            plot::latency_under_load(&plot_path, &medians)
         }
         Command::Idle { steps } => {
             let server = ServerProcess::start(&options).await?;
