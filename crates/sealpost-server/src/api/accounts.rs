@@ -277,17 +277,13 @@ pub async fn user_devices(
     let account = existing_account(&state, &username).await?;
     // Answer with exactly what the directory published, and its proof: devices added
     // since the last epoch appear once they are published.
-    let (kt, entry) = state.kt.lookup(&username).await?;
     // A name deleted and registered again is another account: until the directory
     // publishes it, its entry is the old account's (or the deletion), which must not be
-    // served as this account's. The client waits for `kt_pending`. (An entry that differs
-    // with nothing pending is what the directory holds, and is served as it is: clients
-    // check it, and that is how they catch a forged one.)
-    if entry.account_key.as_slice() != account.account_key.as_slice()
-        && state.store.kt_is_pending(&username).await?
-    {
-        return Err(crate::kt::KtError::NotPublished.into());
-    }
+    // served as this account's; the client waits for `kt_pending`.
+    let (kt, entry) = state
+        .kt
+        .lookup_current(&username, &account.account_key)
+        .await?;
     let stored = state.store.devices_of(&username).await?;
     let devices = entry
         .devices

@@ -193,6 +193,39 @@ impl KeyTransparency {
         ))
     }
 
+    /// The lookup proof to serve for `username`, whose account key in the store is
+    /// `account_key`: the published entry, or [`KtError::NotPublished`] while a change
+    /// of the name's account (deleted and registered again) waits for its epoch.
+    pub async fn lookup_current(
+        &self,
+        username: &str,
+        account_key: &[u8],
+    ) -> Result<(LookupEnvelope, DirectoryEntry), KtError> {
+        let first = self.lookup(username).await?;
+        self.settle(username, account_key, first).await
+    }
+
+    /// Settles a lookup taken earlier (`first`) whose entry may hold another account key:
+    /// either the change is still pending ([`KtError::NotPublished`]: the client waits), or
+    /// an epoch was published after `first` was taken — publishing makes the epoch
+    /// visible before it clears the pending mark, so a second lookup sees it — or the
+    /// directory does hold another key, which is served as it is: clients check the entry
+    /// against the account, and that is how they catch a forged one.
+    async fn settle(
+        &self,
+        username: &str,
+        account_key: &[u8],
+        first: (LookupEnvelope, DirectoryEntry),
+    ) -> Result<(LookupEnvelope, DirectoryEntry), KtError> {
+        if first.1.account_key.as_slice() == account_key {
+            return Ok(first);
+        }
+        if self.store.kt_is_pending(username).await? {
+            return Err(KtError::NotPublished);
+        }
+        self.lookup(username).await
+    }
+
     /// The complete key history of a published username.
     pub async fn history(&self, username: &str) -> Result<HistoryResponse, KtError> {
         if !self.store.kt_is_published(username).await? {
@@ -256,5 +289,79 @@ impl KeyTransparency {
     #[cfg(feature = "adversarial")]
     pub fn sign_forged_root(&self, epoch: u64, root_hash: &[u8]) -> SignedRoot {
         self.sign(epoch, root_hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::store::{AccountRecord, DeviceRecord};
+    use crate::testing::TestServer;
+
+    async fn register(store: &dyn Store, username: &str, account_key: [u8; 32]) {
+        let device_id = Uuid::new_v4();
+        store
+            .create_account(
+                &AccountRecord {
+                    username: username.into(),
+                    account_key: account_key.to_vec(),
+                    created_day: 0,
+                    last_seen_day: 0,
+                },
+                &DeviceRecord {
+                    device_id,
+                    username: username.into(),
+                    signature_key: vec![2; 32],
+                    certificate: vec![3],
+                    created_day: 0,
+                    name_sealed: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    /// A lookup answered across a publication: the handler looked the name up (the old
+    /// account's entry), then an epoch with the new account was published and cleared
+    /// the pending mark. Served as it was, that first entry reached the client as a
+    /// directory mismatch ("refusing to use them"); it must be looked up again.
+    #[tokio::test]
+    async fn a_lookup_overtaken_by_a_publication_is_taken_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = TestServer::config(dir.path());
+        // Epochs only when the test publishes them.
+        config.kt_interval = Duration::from_secs(3600);
+        let server = TestServer::start_with(config).await;
+        let state = server.state();
+        let (kt, store) = (&state.kt, state.store.as_ref());
+        let (old, new) = ([1; 32], [2; 32]);
+        register(store, "bob", old).await;
+        kt.publish_pending().await.unwrap().unwrap();
+        store.delete_account("bob").await.unwrap();
+        register(store, "bob", new).await;
+
+        // Still pending: the client is told to wait.
+        let first = kt.lookup("bob").await.unwrap();
+        assert_eq!(first.1.account_key, old);
+        let waiting = kt.settle("bob", &new, first).await;
+        assert!(matches!(waiting, Err(KtError::NotPublished)), "{waiting:?}");
+
+        // Published between the lookup and the check: the new entry is served.
+        let first = kt.lookup("bob").await.unwrap();
+        kt.publish_pending().await.unwrap().unwrap();
+        let (_, entry) = kt.settle("bob", &new, first).await.unwrap();
+        assert_eq!(entry.account_key, new);
+        let (_, entry) = kt.lookup_current("bob", &new).await.unwrap();
+        assert_eq!(entry.account_key, new);
+
+        // Another key with nothing pending: what the directory holds, for the client to
+        // check (and refuse).
+        let (_, entry) = kt.lookup_current("bob", &[9; 32]).await.unwrap();
+        assert_eq!(entry.account_key, new);
+        server.stop().await;
     }
 }
