@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use crate::api::AppState;
+use crate::store::{AccountRecord, DeviceRecord, Store};
 use crate::{Config, ServerError, open_state, run};
 
 pub struct TestServer {
@@ -109,4 +111,30 @@ impl Drop for TestServer {
             let _ = stop.send(());
         }
     }
+}
+
+/// Puts an account with one device straight into `store`, without the registration
+/// protocol (its key directory entry is then pending); returns the device's id.
+pub async fn put_account(store: &dyn Store, username: &str, account_key: [u8; 32]) -> Uuid {
+    let device_id = Uuid::new_v4();
+    store
+        .create_account(
+            &AccountRecord {
+                username: username.into(),
+                account_key: account_key.to_vec(),
+                created_day: 0,
+                last_seen_day: 0,
+            },
+            &DeviceRecord {
+                device_id,
+                username: username.into(),
+                signature_key: vec![2; 32],
+                certificate: vec![3],
+                created_day: 0,
+                name_sealed: None,
+            },
+        )
+        .await
+        .expect("create a test account");
+    device_id
 }

@@ -342,32 +342,12 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::store::AccountRecord;
-    use crate::testing::TestServer;
+    use crate::testing::{TestServer, put_account};
 
     /// A device with a bearer token, put straight into the store.
     async fn token(server: &TestServer) -> String {
-        let device_id = Uuid::new_v4();
         let store = &server.state().store;
-        store
-            .create_account(
-                &AccountRecord {
-                    username: "tester".into(),
-                    account_key: vec![1; 32],
-                    created_day: 0,
-                    last_seen_day: 0,
-                },
-                &DeviceRecord {
-                    device_id,
-                    username: "tester".into(),
-                    signature_key: vec![2; 32],
-                    certificate: vec![3],
-                    created_day: 0,
-                    name_sealed: None,
-                },
-            )
-            .await
-            .unwrap();
+        let device_id = put_account(store.as_ref(), "tester", [1; 32]).await;
         let token = "test-token";
         store
             .insert_token(&Sha256::digest(token), device_id, clock::now_unix() + 3600)

@@ -296,34 +296,8 @@ impl KeyTransparency {
 mod tests {
     use std::time::Duration;
 
-    use uuid::Uuid;
-
     use super::*;
-    use crate::store::{AccountRecord, DeviceRecord};
-    use crate::testing::TestServer;
-
-    async fn register(store: &dyn Store, username: &str, account_key: [u8; 32]) {
-        let device_id = Uuid::new_v4();
-        store
-            .create_account(
-                &AccountRecord {
-                    username: username.into(),
-                    account_key: account_key.to_vec(),
-                    created_day: 0,
-                    last_seen_day: 0,
-                },
-                &DeviceRecord {
-                    device_id,
-                    username: username.into(),
-                    signature_key: vec![2; 32],
-                    certificate: vec![3],
-                    created_day: 0,
-                    name_sealed: None,
-                },
-            )
-            .await
-            .unwrap();
-    }
+    use crate::testing::{TestServer, put_account};
 
     /// A lookup answered across a publication: the handler looked the name up (the old
     /// account's entry), then an epoch with the new account was published and cleared
@@ -339,10 +313,10 @@ mod tests {
         let state = server.state();
         let (kt, store) = (&state.kt, state.store.as_ref());
         let (old, new) = ([1; 32], [2; 32]);
-        register(store, "bob", old).await;
+        put_account(store, "bob", old).await;
         kt.publish_pending().await.unwrap().unwrap();
         store.delete_account("bob").await.unwrap();
-        register(store, "bob", new).await;
+        put_account(store, "bob", new).await;
 
         // Still pending: the client is told to wait.
         let first = kt.lookup("bob").await.unwrap();
