@@ -294,8 +294,6 @@ impl KeyTransparency {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::testing::{TestServer, put_account};
 
@@ -306,11 +304,11 @@ mod tests {
     #[tokio::test]
     async fn a_lookup_overtaken_by_a_publication_is_taken_again() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = TestServer::config(dir.path());
-        // Epochs only when the test publishes them.
-        config.kt_interval = Duration::from_secs(3600);
-        let server = TestServer::start_with(config).await;
-        let state = server.state();
+        // The state without a running server: no publisher task, so epochs come only
+        // when the test publishes them.
+        let state = crate::open_state(TestServer::config(dir.path()))
+            .await
+            .unwrap();
         let (kt, store) = (&state.kt, state.store.as_ref());
         let (old, new) = ([1; 32], [2; 32]);
         put_account(store, "bob", old).await;
@@ -336,6 +334,5 @@ mod tests {
         // check (and refuse).
         let (_, entry) = kt.lookup_current("bob", &[9; 32]).await.unwrap();
         assert_eq!(entry.account_key, new);
-        server.stop().await;
     }
 }
