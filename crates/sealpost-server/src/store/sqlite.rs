@@ -1292,6 +1292,37 @@ mod tests {
         store.close().await;
     }
 
+    /// While another connection holds SQLite's write lock, a message waits for it (the
+    /// writer's busy handler, `writer::lock_wait`) instead of failing with "database is
+    /// locked", and is committed only after the lock was released.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_waits_while_another_connection_holds_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let group = "a5".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(60));
+            let released = std::time::Instant::now();
+            other.execute_batch("COMMIT").unwrap();
+            released
+        });
+        let sent = store
+            .sequence(request(&group, a, EnvelopeKind::Application, 1))
+            .await;
+        let answered = std::time::Instant::now();
+        let released = holder.join().unwrap();
+        assert_eq!(sent.unwrap().recipients(), vec![b]);
+        assert!(
+            answered > released,
+            "answered before the other connection let go of the write lock"
+        );
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn mailbox_counts_follow_expiry_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();

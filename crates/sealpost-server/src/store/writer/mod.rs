@@ -14,11 +14,13 @@
 //! the hot path runs several small statements per message, and `sqlx`'s SQLite driver
 //! hands every statement to a worker thread and back, which costs more than the statement
 //! itself. Other writes (accounts, KeyPackages, the key directory) are rare and stay on
-//! `sqlx`; the two writers take SQLite's write lock in turn (`busy_timeout`).
+//! `sqlx`; the two writers take SQLite's write lock in turn (this one waits as
+//! [`lock_wait`] says).
 
 mod cache;
 mod checkpoint;
 pub mod durability;
+mod lock_wait;
 mod sequence;
 mod statements;
 mod sweep;
@@ -26,7 +28,6 @@ mod sweep;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior};
 use sealpost_proto::api::EnvelopeKind;
@@ -227,7 +228,7 @@ pub(crate) fn spawn(
     flush: durability::FlushFn,
 ) -> Result<(mpsc::Sender<Job>, Arc<DurableMark>), StoreError> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_handler(Some(lock_wait::wait_for_lock))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // Commits write the WAL without waiting for the disk; the durability thread flushes
     // it before anything is answered (see `durability`).
