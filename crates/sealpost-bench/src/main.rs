@@ -11,6 +11,7 @@ mod cpu_use;
 mod drain;
 mod fanout;
 mod idle;
+mod lock_holder;
 mod machine;
 mod plot;
 mod population;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use crate::lock_holder::HoldWriteLock;
 use crate::machine::Recorded;
 use crate::population::Population;
 use crate::relay::{RelayOptions, RelayResult};
@@ -71,6 +73,11 @@ enum Command {
         /// every frame is acknowledged on arrival).
         #[arg(long, default_value_t = 0)]
         ack_delay_ms: u64,
+        /// During every timed part, an outside connection to the server's database takes
+        /// SQLite's write lock every EVERY_MS and holds it HOLD_MS, as the server's own
+        /// registrations and key-directory writes do; its waits for the lock are reported.
+        #[arg(long, value_name = "HOLD_MS,EVERY_MS")]
+        hold_write_lock: Option<HoldWriteLock>,
         /// Timed runs per pair count, on the same server and population (fresh messages
         /// each time); the JSON has every run.
         #[arg(long, default_value_t = 1)]
@@ -96,6 +103,11 @@ enum Command {
         /// every frame is acknowledged on arrival).
         #[arg(long, default_value_t = 0)]
         ack_delay_ms: u64,
+        /// During every timed part, an outside connection to the server's database takes
+        /// SQLite's write lock every EVERY_MS and holds it HOLD_MS, as the server's own
+        /// registrations and key-directory writes do; its waits for the lock are reported.
+        #[arg(long, value_name = "HOLD_MS,EVERY_MS")]
+        hold_write_lock: Option<HoldWriteLock>,
         /// Timed runs of every setting (the peak and each fraction) on the same server;
         /// the peak is the median of its runs, the summary and the plot use the run with
         /// the median p99 of each fraction, and the JSON has every run.
@@ -195,6 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             window,
             decrypt_every,
             ack_delay_ms,
+            hold_write_lock,
             repeat,
         } => {
             let mut results = Vec::new();
@@ -209,6 +222,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     window: *window,
                     decrypt_every: *decrypt_every,
                     ack_delay: Duration::from_millis(*ack_delay_ms),
+                    hold_write_lock: *hold_write_lock,
                     timeout: Duration::from_secs(300),
                 };
                 for _ in 0..(*repeat).max(1) {
@@ -229,6 +243,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             fractions,
             plot: plot_path,
             ack_delay_ms,
+            hold_write_lock,
             repeat,
         } => {
             let repeat = (*repeat).max(1);
@@ -242,6 +257,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 window: 32,
                 decrypt_every: 100,
                 ack_delay: Duration::from_millis(*ack_delay_ms),
+                hold_write_lock: *hold_write_lock,
                 timeout: Duration::from_secs(300),
             };
             let mut results = Vec::new();
@@ -494,4 +510,15 @@ fn print_relay(results: &[RelayResult]) {
         ],
         &rows,
     );
+    if let Some(held) = results.last().and_then(|r| r.outside_writer) {
+        println!(
+            "outside writer ({} ms every {} ms), last run: {} turns; its wait for the write lock p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            held.hold_ms,
+            held.every_ms,
+            held.holds,
+            held.wait.p50_ms,
+            held.wait.p99_ms,
+            held.wait.max_ms
+        );
+    }
 }

@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::cpu_use::{CpuTicks, CpuUse};
+use crate::lock_holder::{HoldWriteLock, LockHolder, LockHolding};
 use crate::population::{Pair, Prepared, prepare_interleaved, progress};
 use crate::report::{Percentiles, TimelineSlice};
 use crate::server::{ServerProcess, WriterCounters, own_cpu_seconds};
@@ -43,6 +44,8 @@ pub struct RelayOptions {
     /// How long a receiver may hold acknowledgements to send them together; zero
     /// acknowledges every frame the moment it arrives.
     pub ack_delay: Duration,
+    /// An outside connection taking turns at the database's write lock, if any.
+    pub hold_write_lock: Option<HoldWriteLock>,
     pub timeout: Duration,
 }
 
@@ -76,6 +79,8 @@ pub struct RelayResult {
     pub writer: WriterCounters,
     /// Every CPU of the machine during the timed part, steal included (see [`crate::cpu_use`]).
     pub cpus: Vec<CpuUse>,
+    /// What the outside writer saw (`--hold-write-lock`).
+    pub outside_writer: Option<LockHolding>,
 }
 
 /// Where each prepared message came from, and when it was written to the socket.
@@ -154,6 +159,10 @@ pub async fn run(
     let server_cpu_before = server.cpu_seconds()?;
     let own_cpu_before = own_cpu_seconds()?;
     let ticks_before = CpuTicks::now()?;
+    let holder = options
+        .hold_write_lock
+        .map(|spec| LockHolder::start(&server.database(), spec))
+        .transpose()?;
     let start = Instant::now();
     let deadline = start + options.timeout;
     let receiving =
@@ -191,6 +200,7 @@ pub async fn run(
     let cpus = CpuTicks::now()?.since(&ticks_before);
     let server_rss_bytes = server.rss_bytes()?;
     let writer = server.writer_counters().await?.since(writer_before);
+    let outside_writer = holder.map(LockHolder::finish).transpose()?;
 
     let mut latencies = Vec::with_capacity(total);
     let (mut delivered, mut duplicates) = (0, 0);
@@ -228,7 +238,7 @@ pub async fn run(
     let mut latencies: Vec<u64> = latencies.into_iter().map(|(_, latency)| latency).collect();
     Ok(RelayResult {
         mode: format!(
-            "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part; {}",
+            "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part; {}{}",
             options.decrypt_every,
             if options.ack_delay.is_zero() {
                 "every frame acknowledged on arrival".to_owned()
@@ -237,7 +247,11 @@ pub async fn run(
                     "acknowledgements held up to {} ms",
                     options.ack_delay.as_millis()
                 )
-            }
+            },
+            options
+                .hold_write_lock
+                .map(|spec| format!("; {}", spec.describe()))
+                .unwrap_or_default()
         ),
         pairs: pairs.len(),
         messages: total,
@@ -262,6 +276,7 @@ pub async fn run(
         server_rss_bytes,
         writer,
         cpus,
+        outside_writer,
     })
 }
 

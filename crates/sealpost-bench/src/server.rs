@@ -36,7 +36,7 @@ impl ServerOptions {
 pub struct ServerProcess {
     child: Child,
     pub url: String,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -90,7 +90,7 @@ impl ServerProcess {
         let server = Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
-            _data: data,
+            data,
         };
         server.wait_ready().await?;
         Ok(server)
@@ -108,6 +108,11 @@ impl ServerProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("the server did not become ready within 30 s")
+    }
+
+    /// The server's SQLite database file.
+    pub fn database(&self) -> PathBuf {
+        self.data.path().join("sealpost.db")
     }
 
     /// The server's process id (the binary, also when started through `taskset`, which
