@@ -515,7 +515,7 @@ fn print_relay(results: &[RelayResult]) {
             "outside writer ({} ms every {} ms), last run: {} turns; its wait for the write lock p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             held.hold_ms,
             held.every_ms,
-            held.holds,
+            held.wait.samples,
             held.wait.p50_ms,
             held.wait.p99_ms,
             held.wait.max_ms

@@ -110,7 +110,8 @@ impl ServerProcess {
         bail!("the server did not become ready within 30 s")
     }
 
-    /// The server's SQLite database file.
+    /// The server's SQLite database file (the name `sealpost-server` gives it in its data
+    /// directory, `Config::database_path`).
     pub fn database(&self) -> PathBuf {
         self.data.path().join("sealpost.db")
     }
