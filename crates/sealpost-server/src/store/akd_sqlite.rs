@@ -37,7 +37,7 @@ use serde::de::DeserializeOwned;
 use sqlx::Row as _;
 use sqlx::sqlite::SqlitePool;
 
-use super::sqlite::WRITE_TRANSACTION;
+use super::write_turn::SqlxWriter;
 
 const UPSERT_RECORD: &str = "INSERT INTO akd_records (id, record) VALUES (?1, ?2) \
      ON CONFLICT (id) DO UPDATE SET record = excluded.record";
@@ -84,15 +84,15 @@ const STATE_LEQ_EPOCH: &str = "SELECT (SELECT s.record FROM akd_value_states AS 
 /// [`akd::storage::Database`] on the server's SQLite database.
 #[derive(Clone, Debug)]
 pub struct AkdSqliteStorage {
-    writer: SqlitePool,
+    writer: SqlxWriter,
     reader: SqlitePool,
 }
 
 impl AkdSqliteStorage {
-    /// `writer` must be a single-connection pool (writes are serialised through it);
-    /// `reader` may be a read-only pool on the same database file in WAL mode. The
-    /// migrations must have been run.
-    pub fn new(writer: SqlitePool, reader: SqlitePool) -> Self {
+    /// `writer` is the store's `sqlx` write connection (writes are serialised through it,
+    /// in turns with the group-commit writer); `reader` may be a read-only pool on the same
+    /// database file in WAL mode. The migrations must have been run.
+    pub(crate) fn new(writer: SqlxWriter, reader: SqlitePool) -> Self {
         Self { writer, reader }
     }
 
@@ -201,11 +201,7 @@ impl Database for AkdSqliteStorage {
         if records.is_empty() {
             return Ok(());
         }
-        let mut tx = self
-            .writer
-            .begin_with(WRITE_TRANSACTION)
-            .await
-            .map_err(sql_error)?;
+        let mut tx = self.writer.begin().await.map_err(sql_error)?;
         for record in &records {
             match record {
                 DbRecord::ValueState(state) => {
@@ -418,6 +414,7 @@ mod tests {
             .connect_with(options.read_only(true))
             .await
             .unwrap();
+        let writer = SqlxWriter::new(writer, crate::store::write_turn::WriteTurn::default());
         AkdSqliteStorage::new(writer, reader)
     }
 

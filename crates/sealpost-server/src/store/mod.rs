@@ -15,6 +15,7 @@ pub mod akd_sqlite;
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod sqlite;
+mod write_turn;
 mod writer;
 
 use async_trait::async_trait;

@@ -1,12 +1,14 @@
 //! The embedded SQLite backend.
 //!
-//! Durability settings: WAL journal with `synchronous = FULL`, so every committed
-//! transaction's WAL frames are fsynced before the commit returns. A process kill never
-//! loses a committed transaction (the WAL is replayed on open), and with FULL a power loss
-//! does not either, as long as the disk honours fsync. All writes go through one pooled
-//! connection, so write transactions are serialised in the process instead of failing with
-//! `SQLITE_BUSY`; reads use a separate pool and see committed snapshots (WAL readers do
-//! not block the writer).
+//! Durability settings: WAL journal. The `sqlx` write connection runs with `synchronous =
+//! FULL`, so its transactions' WAL frames are fsynced before the commit returns; the
+//! group-commit writer (messages and acknowledgements, [`super::writer`]) commits without
+//! waiting and answers nothing before its flush thread has fsynced the WAL. A process kill
+//! never loses a committed transaction (the WAL is replayed on open), and a power loss
+//! loses none that was answered, as long as the disk honours fsync. Writes go through those
+//! two connections only, which take turns at SQLite's write lock ([`super::write_turn`])
+//! instead of failing with `SQLITE_BUSY` or sleeping through SQLite's back-off; reads use
+//! a separate pool and see committed snapshots (WAL readers do not block the writers).
 
 use std::path::Path;
 use std::str::FromStr as _;
@@ -24,6 +26,7 @@ use sqlx::{Row as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::write_turn::{SqlxWriter, WriteTurn};
 use super::writer::Job;
 use super::{
     AccountRecord, DeviceRecord, GroupState, KeyPackageCount, LinkRecord, LinkState,
@@ -35,7 +38,8 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite
 /// SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
+    /// The `sqlx` write connection, used in turns with the group-commit writer.
+    writer: SqlxWriter,
     reader: SqlitePool,
     /// The group-commit writer thread (sequencing and acknowledgements).
     batcher: mpsc::Sender<Job>,
@@ -47,12 +51,6 @@ pub struct SqliteStore {
 }
 
 pub use super::writer::BatchStats;
-
-/// How every write transaction on the sqlx writer begins. `IMMEDIATE` takes SQLite's write
-/// lock at once (waiting up to `busy_timeout` while the group-commit writer holds it); a
-/// deferred transaction that read first and then wrote would fail with `SQLITE_BUSY`
-/// instead of waiting, whenever the other writer committed in between.
-pub(crate) const WRITE_TRANSACTION: &str = "BEGIN IMMEDIATE";
 
 /// Page size of a newly created database file.
 const DATABASE_PAGE_SIZE: u32 = 8192;
@@ -89,19 +87,27 @@ impl SqliteStore {
             // 10% less server CPU per relayed message than 4 KiB here (docs/BENCHMARKS.md).
             .page_size(DATABASE_PAGE_SIZE)
             .busy_timeout(Duration::from_secs(10));
+        // No ping before each use: the connection is in this process and cannot go stale,
+        // and on a busy core each round trip to sqlx's connection thread costs the time it
+        // takes the runtime to poll the caller again (which, for the writer, is time in a
+        // turn, see `write_turn`).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         MIGRATIONS.run(&writer).await?;
+        let turn = WriteTurn::default();
+        let writer = SqlxWriter::new(writer, turn.clone());
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
         let stats = Arc::new(BatchStats::default());
         let deliveries = Arc::new(super::writer::DeliveryHook::default());
         let (batcher, durable) =
-            super::writer::spawn(path, stats.clone(), deliveries.clone(), flush)?;
+            super::writer::spawn(path, stats.clone(), deliveries.clone(), flush, turn)?;
         Ok(Self {
             writer,
             reader,
@@ -321,7 +327,7 @@ impl Store for SqliteStore {
         account: &AccountRecord,
         device: &DeviceRecord,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO accounts (username, account_key, created_day, last_seen_day) VALUES (?, ?, ?, ?)",
         )
@@ -381,7 +387,7 @@ impl Store for SqliteStore {
         .bind(day)
         .bind(username)
         .bind(day)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.acquire().await?)
         .await?;
         Ok(())
     }
@@ -391,14 +397,14 @@ impl Store for SqliteStore {
         device: &DeviceRecord,
         max_devices: usize,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         insert_device(&mut tx, device, max_devices).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn remove_device(&self, device_id: Uuid) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         delete_device(&mut tx, device_id).await?;
         tx.commit().await?;
         Ok(())
@@ -408,13 +414,13 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE devices SET name_sealed = ? WHERE device_id = ?")
             .bind(name_sealed)
             .bind(device_id.as_bytes().as_slice())
-            .execute(&self.writer)
+            .execute(&mut *self.writer.acquire().await?)
             .await?;
         Ok(())
     }
 
     async fn delete_account(&self, username: &str) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         let devices: Vec<Vec<u8>> =
             sqlx::query_scalar("SELECT device_id FROM devices WHERE username = ?")
                 .bind(username)
@@ -442,7 +448,7 @@ impl Store for SqliteStore {
         .bind(&link.verifier)
         .bind(link.expires_at)
         .bind(link.state.as_i64())
-        .execute(&self.writer)
+        .execute(&mut *self.writer.acquire().await?)
         .await;
         match inserted {
             Err(err) if is_unique_violation(&err) => {
@@ -456,13 +462,13 @@ impl Store for SqliteStore {
         let row = sqlx::query("SELECT * FROM links WHERE link_id = ? AND expires_at > ?")
             .bind(link_id)
             .bind(now)
-            .fetch_optional(&self.writer)
+            .fetch_optional(&mut *self.writer.acquire().await?)
             .await?;
         row.as_ref().map(link_from_row).transpose()
     }
 
     async fn link_failed_attempt(&self, link_id: &[u8], max: i64) -> Result<bool, StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         let attempts: Option<i64> = sqlx::query_scalar(
             "UPDATE links SET failed_attempts = failed_attempts + 1 WHERE link_id = ? RETURNING failed_attempts",
         )
@@ -488,7 +494,7 @@ impl Store for SqliteStore {
         .bind(sealed_request)
         .bind(link_id)
         .bind(LinkState::Open.as_i64())
-        .execute(&self.writer)
+        .execute(&mut *self.writer.acquire().await?)
         .await?;
         if updated.rows_affected() == 1 {
             Ok(())
@@ -504,7 +510,7 @@ impl Store for SqliteStore {
         sealed_response: &[u8],
         max_devices: usize,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         let updated = sqlx::query(
             "UPDATE links SET state = ?, sealed_response = ? WHERE link_id = ? AND state = ?",
         )
@@ -528,14 +534,14 @@ impl Store for SqliteStore {
         )
         .bind(link_id)
         .bind(LinkState::Completed.as_i64())
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.writer.acquire().await?)
         .await?;
         Ok(response.flatten())
     }
 
     async fn kt_pending(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let rows = sqlx::query("SELECT username, seq FROM kt_pending ORDER BY seq")
-            .fetch_all(&self.writer)
+            .fetch_all(&mut *self.writer.acquire().await?)
             .await?;
         rows.iter()
             .map(|row| Ok((row.try_get("username")?, row.try_get("seq")?)))
@@ -575,7 +581,7 @@ impl Store for SqliteStore {
         root_hash: &[u8],
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         for (username, seq) in published {
             sqlx::query("DELETE FROM kt_pending WHERE username = ? AND seq <= ?")
                 .bind(username)
@@ -620,7 +626,7 @@ impl Store for SqliteStore {
         .bind(epoch as i64)
         .bind(root_hash)
         .bind(now)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.acquire().await?)
         .await?;
         Ok(())
     }
@@ -629,7 +635,7 @@ impl Store for SqliteStore {
         Ok(
             sqlx::query_scalar("SELECT root_hash FROM kt_roots WHERE epoch = ?")
                 .bind(epoch as i64)
-                .fetch_optional(&self.writer)
+                .fetch_optional(&mut *self.writer.acquire().await?)
                 .await?,
         )
     }
@@ -640,7 +646,7 @@ impl Store for SqliteStore {
         )
         .bind(from.min(i64::MAX as u64) as i64)
         .bind(to.min(i64::MAX as u64) as i64)
-        .fetch_all(&self.writer)
+        .fetch_all(&mut *self.writer.acquire().await?)
         .await?;
         rows.iter()
             .map(|row| {
@@ -656,7 +662,7 @@ impl Store for SqliteStore {
         &self,
         device_id: Uuid,
     ) -> Result<(DeviceRecord, Vec<u8>), StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         let row = sqlx::query(DEVICE_BY_ID)
             .bind(device_id.as_bytes().as_slice())
             .fetch_optional(&mut *tx)
@@ -685,7 +691,7 @@ impl Store for SqliteStore {
         .bind(device_id.as_bytes().as_slice())
         .bind(nonce)
         .bind(expires_at)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.acquire().await?)
         .await?;
         Ok(())
     }
@@ -699,7 +705,7 @@ impl Store for SqliteStore {
             "DELETE FROM login_challenges WHERE challenge_id = ? RETURNING device_id, nonce, expires_at",
         )
         .bind(challenge_id.as_bytes().as_slice())
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.writer.acquire().await?)
         .await?;
         let Some(row) = row else { return Ok(None) };
         if row.try_get::<i64, _>("expires_at")? < now {
@@ -721,7 +727,7 @@ impl Store for SqliteStore {
             .bind(token_hash)
             .bind(device_id.as_bytes().as_slice())
             .bind(expires_at)
-            .execute(&self.writer)
+            .execute(&mut *self.writer.acquire().await?)
             .await?;
         Ok(())
     }
@@ -751,7 +757,7 @@ impl Store for SqliteStore {
         max_per_device: usize,
     ) -> Result<KeyPackageCount, StoreError> {
         let device = device_id.as_bytes().as_slice();
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         let existing: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM key_packages WHERE device_id = ? AND last_resort = 0",
         )
@@ -791,7 +797,7 @@ impl Store for SqliteStore {
              FROM key_packages WHERE device_id = ?",
         )
         .bind(device_id.as_bytes().as_slice())
-        .fetch_one(&self.writer)
+        .fetch_one(&mut *self.writer.acquire().await?)
         .await?;
         Ok(KeyPackageCount {
             one_time: row.try_get::<i64, _>("one_time")?.max(0) as u64,
@@ -803,7 +809,7 @@ impl Store for SqliteStore {
         &self,
         username: &str,
     ) -> Result<Vec<(DeviceRecord, Vec<u8>)>, StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         let rows = sqlx::query(DEVICES_OF_USER)
             .bind(username)
             .fetch_all(&mut *tx)
@@ -819,7 +825,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_group(&self, group_id: &str, creator: Uuid) -> Result<GroupState, StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         let inserted =
             sqlx::query("INSERT INTO groups (group_id, epoch, next_seq) VALUES (?, 0, 1)")
                 .bind(group_id)
@@ -956,7 +962,7 @@ impl Store for SqliteStore {
     }
 
     async fn expire(&self, now: i64) -> Result<u64, StoreError> {
-        let mut tx = self.writer.begin_with(WRITE_TRANSACTION).await?;
+        let mut tx = self.writer.begin().await?;
         // A message's envelopes are the mailbox rows at its consecutive positions.
         let expired = sqlx::query_as::<_, (i64, i64, i64)>(
             "SELECT id, first_seq, last_seq FROM messages WHERE expires_at < ? LIMIT ?",
@@ -1030,7 +1036,7 @@ mod tests {
             .unwrap();
         super::super::conformance::run_all(&store).await;
         let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
-            .fetch_one(&store.writer)
+            .fetch_one(&mut *store.writer.acquire().await.unwrap())
             .await
             .unwrap();
         assert_eq!(page_size, i64::from(DATABASE_PAGE_SIZE));
@@ -1320,6 +1326,82 @@ mod tests {
             answered > released,
             "answered before the other connection let go of the write lock"
         );
+        store.close().await;
+    }
+
+    /// The group-commit writer takes turns with the `sqlx` connection (`write_turn`): while
+    /// a `sqlx` caller has the connection, a message waits for its turn even though SQLite's
+    /// lock is free, and goes as soon as the turn ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_waits_for_the_turn_of_the_sqlx_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let group = "a6".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        let turn = store.writer.acquire().await.unwrap();
+        let sending = tokio::spawn({
+            let store = store.clone();
+            let group = group.clone();
+            async move {
+                let sent = store
+                    .sequence(request(&group, a, EnvelopeKind::Application, 1))
+                    .await;
+                (sent, std::time::Instant::now())
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        assert!(
+            !sending.is_finished(),
+            "the writer went during another turn"
+        );
+        let released = std::time::Instant::now();
+        drop(turn);
+        let (sent, answered) = sending.await.unwrap();
+        assert_eq!(sent.unwrap().recipients(), vec![b]);
+        assert!(answered > released);
+        store.close().await;
+    }
+
+    /// A `sqlx` write asked for while the writer works through a long queue goes between
+    /// two of its batches. (Before the turns it slept through SQLite's back-off while the
+    /// writer took the lock from one batch to the next, and got in only when it happened to
+    /// try between two batches or the queue ran dry.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlx_writes_go_between_two_batches_of_a_busy_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let group = "a7".repeat(16);
+        let (a, _) = pair(&store, &group).await;
+        let batches = || store.batch_stats().batches.load(Ordering::Relaxed);
+        let started = batches();
+        let flood: Vec<_> = (0..16 * super::super::writer::MAX_BATCH)
+            .map(|_| {
+                let store = store.clone();
+                let message = request(&group, a, EnvelopeKind::Application, 1);
+                tokio::spawn(async move { store.sequence(message).await })
+            })
+            .collect();
+        while batches() == started {
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
+        for write in 0..5u8 {
+            let before = batches();
+            store.set_device_name(a, &[write + 1]).await.unwrap();
+            let during = batches() - before;
+            assert!(
+                during <= 2,
+                "write {write} waited for {during} batches of the writer"
+            );
+        }
+        let waiting = flood.iter().filter(|send| !send.is_finished()).count();
+        assert!(
+            waiting > 0,
+            "the writer's queue ran dry before the writes were done: nothing was shown"
+        );
+        for send in flood {
+            send.await.unwrap().unwrap();
+        }
         store.close().await;
     }
 

@@ -14,8 +14,9 @@
 //! the hot path runs several small statements per message, and `sqlx`'s SQLite driver
 //! hands every statement to a worker thread and back, which costs more than the statement
 //! itself. Other writes (accounts, KeyPackages, the key directory) are rare and stay on
-//! `sqlx`; the two writers take SQLite's write lock in turn (this one waits as
-//! [`lock_wait`] says).
+//! `sqlx`; the two writers take turns at SQLite's write lock ([`super::write_turn`]): this
+//! thread holds a turn for each of its transactions. Against other processes it waits for
+//! the lock as [`lock_wait`] says.
 
 mod cache;
 mod checkpoint;
@@ -43,6 +44,7 @@ use self::cache::Cache;
 use self::durability::{Committed, DurableMark};
 use self::statements::Statements;
 use self::sweep::{Reach, Sweeper};
+use super::write_turn::WriteTurn;
 use super::{Delivery, SequenceOutcome, SequenceRequest, StoreError};
 
 /// Most jobs one transaction carries.
@@ -220,12 +222,14 @@ fn wal_path(path: &Path) -> std::path::PathBuf {
 }
 
 /// Opens the writer's connection on an existing, migrated database and starts its thread
-/// and the durability thread. Returns the job queue and the durable mark.
+/// and the durability thread. Returns the job queue and the durable mark. `turn` is shared
+/// with the database's `sqlx` write connection.
 pub(crate) fn spawn(
     path: &Path,
     stats: Arc<BatchStats>,
     hook: Arc<DeliveryHook>,
     flush: durability::FlushFn,
+    turn: WriteTurn,
 ) -> Result<(mpsc::Sender<Job>, Arc<DurableMark>), StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_handler(Some(lock_wait::wait_for_lock))?;
@@ -271,6 +275,7 @@ pub(crate) fn spawn(
     let checkpointer = checkpoint::spawn(path, jobs.downgrade())?;
     let writer = Writer {
         conn,
+        turn,
         stats,
         committed,
         checkpointer,
@@ -286,6 +291,8 @@ pub(crate) fn spawn(
 /// The writer thread's state.
 struct Writer {
     conn: Connection,
+    /// Held for each transaction on `conn`.
+    turn: WriteTurn,
     stats: Arc<BatchStats>,
     committed: std::sync::mpsc::SyncSender<Committed>,
     checkpointer: checkpoint::Checkpointer,
@@ -315,12 +322,14 @@ impl Writer {
             let size = batch.len();
             if size > 0 {
                 let swept = self.sweeper.cursor();
+                let turn = self.turn.take_blocking();
                 let published = commit_batch(
                     &mut self.conn,
                     &mut cache,
                     std::mem::take(&mut batch),
                     swept,
                 );
+                drop(turn);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .requests
@@ -371,7 +380,9 @@ impl Writer {
         } else {
             Reach::All
         };
+        let turn = self.turn.take_blocking();
         let result = self.sweeper.run(&mut self.conn, reach);
+        drop(turn);
         if let Err(err) = &result {
             // The next sweep covers the range again; nothing is lost.
             tracing::warn!(error = %err, "sweeping delivered ciphertexts failed");
@@ -388,6 +399,7 @@ impl Writer {
     /// Copies back what the checkpoint thread's last pass left (see [`checkpoint`]), so
     /// that the next commit starts the WAL over instead of making it longer.
     fn finish_checkpoint(&self) {
+        let _turn = self.turn.take_blocking();
         if let Err(err) = checkpoint::checkpoint(&self.conn) {
             // The checkpoint thread's next pass asks again; nothing is lost.
             tracing::warn!(error = %err, "finishing a WAL checkpoint failed");
