@@ -16,6 +16,7 @@ mod machine;
 mod plot;
 mod population;
 mod relay;
+mod renamer;
 mod repeats;
 mod report;
 mod server;
@@ -78,6 +79,11 @@ enum Command {
         /// registrations and key-directory writes do; its waits for the lock are reported.
         #[arg(long, value_name = "HOLD_MS,EVERY_MS")]
         hold_write_lock: Option<HoldWriteLock>,
+        /// During every timed part, the first sender's device renames itself through the
+        /// API every MS (a small write through the server's `sqlx` connection, as
+        /// registrations and KeyPackage uploads are); the renames' times are reported.
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+        rename_every: Option<u64>,
         /// Timed runs per pair count, on the same server and population (fresh messages
         /// each time); the JSON has every run.
         #[arg(long, default_value_t = 1)]
@@ -108,6 +114,11 @@ enum Command {
         /// registrations and key-directory writes do; its waits for the lock are reported.
         #[arg(long, value_name = "HOLD_MS,EVERY_MS")]
         hold_write_lock: Option<HoldWriteLock>,
+        /// During every timed part, the first sender's device renames itself through the
+        /// API every MS (a small write through the server's `sqlx` connection, as
+        /// registrations and KeyPackage uploads are); the renames' times are reported.
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+        rename_every: Option<u64>,
         /// Timed runs of every setting (the peak and each fraction) on the same server;
         /// the peak is the median of its runs, the summary and the plot use the run with
         /// the median p99 of each fraction, and the JSON has every run.
@@ -208,6 +219,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             decrypt_every,
             ack_delay_ms,
             hold_write_lock,
+            rename_every,
             repeat,
         } => {
             let mut results = Vec::new();
@@ -223,6 +235,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     decrypt_every: *decrypt_every,
                     ack_delay: Duration::from_millis(*ack_delay_ms),
                     hold_write_lock: *hold_write_lock,
+                    rename_every: rename_every.map(Duration::from_millis),
                     timeout: Duration::from_secs(300),
                 };
                 for _ in 0..(*repeat).max(1) {
@@ -244,6 +257,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             plot: plot_path,
             ack_delay_ms,
             hold_write_lock,
+            rename_every,
             repeat,
         } => {
             let repeat = (*repeat).max(1);
@@ -258,6 +272,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 decrypt_every: 100,
                 ack_delay: Duration::from_millis(*ack_delay_ms),
                 hold_write_lock: *hold_write_lock,
+                rename_every: rename_every.map(Duration::from_millis),
                 timeout: Duration::from_secs(300),
             };
             let mut results = Vec::new();
@@ -519,6 +534,16 @@ fn print_relay(results: &[RelayResult]) {
             held.wait.p50_ms,
             held.wait.p99_ms,
             held.wait.max_ms
+        );
+    }
+    if let Some(renames) = results.last().and_then(|r| r.renames) {
+        println!(
+            "renames (every {} ms), last run: {}; request to answer p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            renames.every_ms,
+            renames.latency.samples,
+            renames.latency.p50_ms,
+            renames.latency.p99_ms,
+            renames.latency.max_ms
         );
     }
 }

@@ -28,6 +28,7 @@ use uuid::Uuid;
 use crate::cpu_use::{CpuTicks, CpuUse};
 use crate::lock_holder::{HoldWriteLock, LockHolder, LockHolding};
 use crate::population::{Pair, Prepared, prepare_interleaved, progress};
+use crate::renamer::{self, Renames};
 use crate::report::{Percentiles, TimelineSlice};
 use crate::server::{ServerProcess, WriterCounters, own_cpu_seconds};
 
@@ -46,6 +47,8 @@ pub struct RelayOptions {
     pub ack_delay: Duration,
     /// An outside connection taking turns at the database's write lock, if any.
     pub hold_write_lock: Option<HoldWriteLock>,
+    /// How often the first sender's device renames itself through the API, if at all.
+    pub rename_every: Option<Duration>,
     pub timeout: Duration,
 }
 
@@ -81,6 +84,8 @@ pub struct RelayResult {
     pub cpus: Vec<CpuUse>,
     /// What the outside writer saw (`--hold-write-lock`).
     pub outside_writer: Option<LockHolding>,
+    /// What the renames saw (`--rename-every`).
+    pub renames: Option<Renames>,
 }
 
 /// Where each prepared message came from, and when it was written to the socket.
@@ -193,7 +198,21 @@ pub async fn run(
                 options.window,
             )
         }));
-    let (received, sent) = tokio::join!(receiving, sending);
+    let (stop_renames, renames_stopped) = tokio::sync::watch::channel(false);
+    let renaming = async {
+        match (options.rename_every, pairs.first()) {
+            (Some(every), Some(pair)) => {
+                Some(renamer::rename_until(&pair.sender, every, renames_stopped).await)
+            }
+            _ => None,
+        }
+    };
+    let relaying = async {
+        let done = tokio::join!(receiving, sending);
+        let _ = stop_renames.send(true);
+        done
+    };
+    let ((received, sent), renames) = tokio::join!(relaying, renaming);
     let wall = start.elapsed().as_secs_f64();
     let server_cpu = server.cpu_seconds()? - server_cpu_before;
     let own_cpu = own_cpu_seconds()? - own_cpu_before;
@@ -201,6 +220,7 @@ pub async fn run(
     let server_rss_bytes = server.rss_bytes()?;
     let writer = server.writer_counters().await?.since(writer_before);
     let outside_writer = holder.map(LockHolder::finish).transpose()?;
+    let renames = renames.transpose()?;
 
     let mut latencies = Vec::with_capacity(total);
     let (mut delivered, mut duplicates) = (0, 0);
@@ -238,7 +258,7 @@ pub async fn run(
     let mut latencies: Vec<u64> = latencies.into_iter().map(|(_, latency)| latency).collect();
     Ok(RelayResult {
         mode: format!(
-            "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part; {}{}",
+            "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part; {}{}{}",
             options.decrypt_every,
             if options.ack_delay.is_zero() {
                 "every frame acknowledged on arrival".to_owned()
@@ -251,6 +271,10 @@ pub async fn run(
             options
                 .hold_write_lock
                 .map(|spec| format!("; {}", spec.describe()))
+                .unwrap_or_default(),
+            options
+                .rename_every
+                .map(|every| format!("; a device renames itself every {} ms", every.as_millis()))
                 .unwrap_or_default()
         ),
         pairs: pairs.len(),
@@ -277,6 +301,7 @@ pub async fn run(
         writer,
         cpus,
         outside_writer,
+        renames,
     })
 }
 
