@@ -546,4 +546,12 @@ fn print_relay(results: &[RelayResult]) {
             renames.latency.max_ms
         );
     }
+    if let Some(last) = results.last()
+        && let (Some(waits), Some(ms)) = (last.writer.turn_waits, last.writer.turn_wait_ms)
+        && waits > 0
+    {
+        println!(
+            "the writer waited for the sqlx connection's turn {waits} times in the last run, {ms:.1} ms in all"
+        );
+    }
 }

@@ -134,19 +134,27 @@ impl ServerProcess {
             .error_for_status()?
             .text()
             .await?;
-        let value = |name: &str| -> anyhow::Result<u64> {
+        let found = |name: &str| -> anyhow::Result<Option<f64>> {
             text.lines()
                 .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-                .with_context(|| format!("no {name} in /metrics"))?
-                .trim()
-                .parse::<f64>()
-                .map(|v| v as u64)
-                .with_context(|| format!("malformed {name} in /metrics"))
+                .map(|value| {
+                    value
+                        .trim()
+                        .parse::<f64>()
+                        .with_context(|| format!("malformed {name} in /metrics"))
+                })
+                .transpose()
+        };
+        let value = |name: &str| -> anyhow::Result<u64> {
+            Ok(found(name)?.with_context(|| format!("no {name} in /metrics"))? as u64)
         };
         Ok(WriterCounters {
             transactions: value("sealpost_write_batches_total")?,
             requests: value("sealpost_batched_requests_total")?,
             wal_flushes: value("sealpost_wal_flushes_total")?,
+            // Servers before the write turns (an older `--server-binary`) have none.
+            turn_waits: found("sealpost_writer_turn_waits_total")?.map(|v| v as u64),
+            turn_wait_ms: found("sealpost_writer_turn_wait_seconds_total")?.map(|s| s * 1e3),
         })
     }
 
@@ -172,6 +180,10 @@ pub struct WriterCounters {
     pub requests: u64,
     /// WAL flushes that made them durable.
     pub wal_flushes: u64,
+    /// Times the writer waited for the `sqlx` connection's turn at the write lock, and for
+    /// how long in all (`None` from a server without turns).
+    pub turn_waits: Option<u64>,
+    pub turn_wait_ms: Option<f64>,
 }
 
 impl WriterCounters {
@@ -181,6 +193,14 @@ impl WriterCounters {
             transactions: self.transactions.saturating_sub(before.transactions),
             requests: self.requests.saturating_sub(before.requests),
             wal_flushes: self.wal_flushes.saturating_sub(before.wal_flushes),
+            turn_waits: self
+                .turn_waits
+                .zip(before.turn_waits)
+                .map(|(now, then)| now.saturating_sub(then)),
+            turn_wait_ms: self
+                .turn_wait_ms
+                .zip(before.turn_wait_ms)
+                .map(|(now, then)| (now - then).max(0.0)),
         }
     }
 }

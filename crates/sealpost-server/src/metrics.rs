@@ -44,6 +44,10 @@ pub struct Metrics {
     /// WAL flushes (`fdatasync`) that made those transactions durable (sampled at each
     /// scrape); one flush may cover several transactions.
     pub wal_flushes: Counter,
+    /// Times the group-commit writer waited for the `sqlx` connection's turn at the write
+    /// lock, and the time it spent waiting (sampled at each scrape).
+    pub writer_turn_waits: Counter,
+    pub writer_turn_wait_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Sequenced messages per write transaction of the group-commit writer.
     pub write_batch_size: Histogram,
     /// Request latency by route template and status.
@@ -61,6 +65,8 @@ impl Default for Metrics {
         let write_batches = Counter::default();
         let batched_requests = Counter::default();
         let wal_flushes = Counter::default();
+        let writer_turn_waits = Counter::default();
+        let writer_turn_wait_seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         let write_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
         let request_seconds = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
@@ -106,6 +112,16 @@ impl Default for Metrics {
             wal_flushes.clone(),
         );
         registry.register(
+            "writer_turn_waits",
+            "Times the group-commit writer waited for the sqlx connection's turn at the write lock",
+            writer_turn_waits.clone(),
+        );
+        registry.register(
+            "writer_turn_wait_seconds",
+            "Time the group-commit writer spent waiting for those turns",
+            writer_turn_wait_seconds.clone(),
+        );
+        registry.register(
             "write_batch_size",
             "Messages per write transaction",
             write_batch_size.clone(),
@@ -125,6 +141,8 @@ impl Default for Metrics {
             write_batches,
             batched_requests,
             wal_flushes,
+            writer_turn_waits,
+            writer_turn_wait_seconds,
             write_batch_size,
             request_seconds,
         }

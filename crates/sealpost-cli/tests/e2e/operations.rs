@@ -50,6 +50,8 @@ async fn health_readiness_and_metrics_without_user_labels() {
         "sealpost_envelopes_out_total",
         "sealpost_mailbox_depth",
         "sealpost_write_batches_total",
+        "sealpost_writer_turn_waits_total",
+        "sealpost_writer_turn_wait_seconds_total",
         "sealpost_write_batch_size_bucket",
         "route=\"/v1/groups/{group_id}/messages\"",
     ] {

@@ -309,9 +309,21 @@ async fn metrics(
         (&state.metrics.write_batches, &stats.batches),
         (&state.metrics.batched_requests, &stats.requests),
         (&state.metrics.wal_flushes, &stats.flushes),
+        (&state.metrics.writer_turn_waits, &stats.turn_waits),
     ] {
         let total = total.load(std::sync::atomic::Ordering::Relaxed);
         counter.inc_by(total.saturating_sub(counter.get()));
+    }
+    let waited = stats
+        .turn_wait_micros
+        .load(std::sync::atomic::Ordering::Relaxed) as f64
+        / 1e6;
+    let counted = state.metrics.writer_turn_wait_seconds.get();
+    if waited > counted {
+        state
+            .metrics
+            .writer_turn_wait_seconds
+            .inc_by(waited - counted);
     }
     Ok((
         [(

@@ -1360,6 +1360,10 @@ mod tests {
         let (sent, answered) = sending.await.unwrap();
         assert_eq!(sent.unwrap().recipients(), vec![b]);
         assert!(answered > released);
+        // The wait is counted (metrics).
+        let stats = store.batch_stats();
+        assert!(stats.turn_waits.load(Ordering::Relaxed) >= 1);
+        assert!(stats.turn_wait_micros.load(Ordering::Relaxed) >= 50_000);
         store.close().await;
     }
 

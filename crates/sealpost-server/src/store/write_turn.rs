@@ -21,6 +21,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
@@ -45,12 +46,17 @@ impl WriteTurn {
         self.0.clone().lock_owned().await
     }
 
-    /// Waits for the turn on a thread of its own (the group-commit writer). Must not be
-    /// called from async code: it blocks the thread.
-    pub(crate) fn take_blocking(&self) -> Turn {
+    /// Waits for the turn on a thread of its own (the group-commit writer), and says how
+    /// long it waited (`None`: the turn was free). Must not be called from async code: it
+    /// blocks the thread.
+    pub(crate) fn take_blocking(&self) -> (Turn, Option<Duration>) {
         match self.0.clone().try_lock_owned() {
-            Ok(turn) => turn,
-            Err(_) => self.0.clone().blocking_lock_owned(),
+            Ok(turn) => (turn, None),
+            Err(_) => {
+                let asked = Instant::now();
+                let turn = self.0.clone().blocking_lock_owned();
+                (turn, Some(asked.elapsed()))
+            }
         }
     }
 }
@@ -127,7 +133,6 @@ impl InTurn<Transaction<'static, Sqlite>> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
 
     use super::*;
 
@@ -139,16 +144,22 @@ mod tests {
         let thread = {
             let (turn, went) = (turn.clone(), went.clone());
             std::thread::spawn(move || {
-                let _turn = turn.take_blocking();
+                let (_turn, waited) = turn.take_blocking();
                 went.store(true, Ordering::SeqCst);
+                waited
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!went.load(Ordering::SeqCst), "went while the turn was held");
         drop(held);
-        thread.join().unwrap();
+        let waited = thread.join().unwrap().expect("the wait is reported");
+        assert!(
+            waited >= Duration::from_millis(50),
+            "waited only {waited:?}"
+        );
         assert!(went.load(Ordering::SeqCst));
-        // And the turn is free again for async callers.
+        // And the turn is free again, at once.
         drop(turn.take().await);
+        assert!(turn.take_blocking().1.is_none());
     }
 }

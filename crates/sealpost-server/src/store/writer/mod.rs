@@ -64,6 +64,10 @@ pub struct BatchStats {
     pub requests: AtomicU64,
     /// WAL flushes (`fdatasync`); one may cover several batches.
     pub flushes: AtomicU64,
+    /// Times this thread found the `sqlx` connection's turn under way and waited for it
+    /// ([`super::write_turn`]), and how long in all (µs).
+    pub turn_waits: AtomicU64,
+    pub turn_wait_micros: AtomicU64,
     /// Called with the size of every committed batch (metrics).
     observer: std::sync::OnceLock<Box<dyn Fn(usize) + Send + Sync>>,
 }
@@ -74,6 +78,8 @@ impl std::fmt::Debug for BatchStats {
             .field("batches", &self.batches)
             .field("requests", &self.requests)
             .field("flushes", &self.flushes)
+            .field("turn_waits", &self.turn_waits)
+            .field("turn_wait_micros", &self.turn_wait_micros)
             .finish_non_exhaustive()
     }
 }
@@ -322,7 +328,7 @@ impl Writer {
             let size = batch.len();
             if size > 0 {
                 let swept = self.sweeper.cursor();
-                let turn = self.turn.take_blocking();
+                let turn = self.take_turn();
                 let published = commit_batch(
                     &mut self.conn,
                     &mut cache,
@@ -365,6 +371,19 @@ impl Writer {
         }
     }
 
+    /// Takes the turn at the write lock for one transaction, counting the waits.
+    fn take_turn(&self) -> super::write_turn::Turn {
+        let (turn, waited) = self.turn.take_blocking();
+        if let Some(waited) = waited {
+            self.stats.turn_waits.fetch_add(1, Ordering::Relaxed);
+            let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+            self.stats
+                .turn_wait_micros
+                .fetch_add(micros, Ordering::Relaxed);
+        }
+        turn
+    }
+
     /// Runs the sweep after a batch or on a tick, and answers the jobs that forced one
     /// (those sweep everything due at once). Returns false if it failed.
     fn sweep(&mut self, jobs: Vec<Job>, reach: Reach) -> bool {
@@ -380,7 +399,7 @@ impl Writer {
         } else {
             Reach::All
         };
-        let turn = self.turn.take_blocking();
+        let turn = self.take_turn();
         let result = self.sweeper.run(&mut self.conn, reach);
         drop(turn);
         if let Err(err) = &result {
@@ -399,7 +418,7 @@ impl Writer {
     /// Copies back what the checkpoint thread's last pass left (see [`checkpoint`]), so
     /// that the next commit starts the WAL over instead of making it longer.
     fn finish_checkpoint(&self) {
-        let _turn = self.turn.take_blocking();
+        let _turn = self.take_turn();
         if let Err(err) = checkpoint::checkpoint(&self.conn) {
             // The checkpoint thread's next pass asks again; nothing is lost.
             tracing::warn!(error = %err, "finishing a WAL checkpoint failed");
