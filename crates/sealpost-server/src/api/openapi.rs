@@ -2,7 +2,7 @@
 //! `GET /v1/openapi.json`.
 //!
 //! Every route is registered through `utoipa_axum::routes!` from a handler annotated with
-//! `#[utoipa::path]` (see [`super::documented_routes`]), so the router and the document
+//! `#[utoipa::path]` (see `api::documented_routes`), so the router and the document
 //! come from the same annotations: a handler cannot be routed without being described.
 //! Wire types get their schemas from `sealpost-proto`'s `openapi` feature.
 //!

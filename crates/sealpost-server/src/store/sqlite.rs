@@ -2,11 +2,11 @@
 //!
 //! Durability settings: WAL journal. The `sqlx` write connection runs with `synchronous =
 //! FULL`, so its transactions' WAL frames are fsynced before the commit returns; the
-//! group-commit writer (messages and acknowledgements, [`super::writer`]) commits without
+//! group-commit writer (messages and acknowledgements, `store::writer`) commits without
 //! waiting and answers nothing before its flush thread has fsynced the WAL. A process kill
 //! never loses a committed transaction (the WAL is replayed on open), and a power loss
 //! loses none that was answered, as long as the disk honours fsync. Writes go through those
-//! two connections only, which take turns at SQLite's write lock ([`super::write_turn`])
+//! two connections only, which take turns at SQLite's write lock (`store::write_turn`)
 //! instead of failing with `SQLITE_BUSY` or sleeping through SQLite's back-off; reads use
 //! a separate pool and see committed snapshots (WAL readers do not block the writers).
 

@@ -15,7 +15,10 @@
 //! transactions and a `sqlx` caller for as long as it has the `sqlx` connection
 //! ([`SqlxWriter`] hands the connection out only with a turn). Neither ever finds the lock
 //! held by the other, so neither sleeps through a back-off step: a `sqlx` write waits for
-//! at most the writer's current transaction, and the writer for one `sqlx` transaction.
+//! the turns asked for before its own (at most one of them the writer's), and the writer
+//! likewise. While a `sqlx` turn lasts the writer waits; that costs most where a `sqlx`
+//! commit must sync a WAL full of the writer's unflushed frames (counted in
+//! [`super::writer::BatchStats`], measured in docs/BENCHMARKS.md).
 //! SQLite's lock and the busy handlers still settle contention with other processes and
 //! with the checkpoint connection.
 

@@ -65,7 +65,7 @@ pub struct BatchStats {
     /// WAL flushes (`fdatasync`); one may cover several batches.
     pub flushes: AtomicU64,
     /// Times this thread found the `sqlx` connection's turn under way and waited for it
-    /// ([`super::write_turn`]), and how long in all (µs).
+    /// (`store::write_turn`), and how long in all (µs).
     pub turn_waits: AtomicU64,
     pub turn_wait_micros: AtomicU64,
     /// Called with the size of every committed batch (metrics).
