@@ -53,6 +53,49 @@ struct Args {
     command: Command,
 }
 
+/// How receivers acknowledge, and what else runs during every timed part (relay and
+/// latency).
+#[derive(Debug, clap::Args)]
+struct TimedPartArgs {
+    /// Milliseconds a receiver may hold acknowledgements to send them together (0:
+    /// every frame is acknowledged on arrival).
+    #[arg(long, default_value_t = 0)]
+    ack_delay_ms: u64,
+    /// During every timed part, an outside connection to the server's database takes
+    /// SQLite's write lock every EVERY_MS and holds it HOLD_MS, as the server's own
+    /// registrations and key-directory writes do; its waits for the lock are reported.
+    #[arg(long, value_name = "HOLD_MS,EVERY_MS")]
+    hold_write_lock: Option<HoldWriteLock>,
+    /// During every timed part, the first sender's device renames itself through the
+    /// API every MS (a small write through the server's `sqlx` connection, as
+    /// registrations and KeyPackage uploads are); the renames' times are reported.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    rename_every: Option<u64>,
+}
+
+impl TimedPartArgs {
+    /// The relay settings with these.
+    fn relay_options(
+        &self,
+        messages: usize,
+        size: usize,
+        window: usize,
+        decrypt_every: usize,
+    ) -> RelayOptions {
+        RelayOptions {
+            messages,
+            size,
+            rate: None,
+            window,
+            decrypt_every,
+            ack_delay: Duration::from_millis(self.ack_delay_ms),
+            hold_write_lock: self.hold_write_lock,
+            rename_every: self.rename_every.map(Duration::from_millis),
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Relay throughput: P sender/receiver pairs, as fast as the server answers.
@@ -70,20 +113,8 @@ enum Command {
         window: usize,
         #[arg(long, default_value_t = 100)]
         decrypt_every: usize,
-        /// Milliseconds a receiver may hold acknowledgements to send them together (0:
-        /// every frame is acknowledged on arrival).
-        #[arg(long, default_value_t = 0)]
-        ack_delay_ms: u64,
-        /// During every timed part, an outside connection to the server's database takes
-        /// SQLite's write lock every EVERY_MS and holds it HOLD_MS, as the server's own
-        /// registrations and key-directory writes do; its waits for the lock are reported.
-        #[arg(long, value_name = "HOLD_MS,EVERY_MS")]
-        hold_write_lock: Option<HoldWriteLock>,
-        /// During every timed part, the first sender's device renames itself through the
-        /// API every MS (a small write through the server's `sqlx` connection, as
-        /// registrations and KeyPackage uploads are); the renames' times are reported.
-        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
-        rename_every: Option<u64>,
+        #[command(flatten)]
+        timed: TimedPartArgs,
         /// Timed runs per pair count, on the same server and population (fresh messages
         /// each time); the JSON has every run.
         #[arg(long, default_value_t = 1)]
@@ -105,20 +136,8 @@ enum Command {
         /// docs/latency-under-load.svg).
         #[arg(long)]
         plot: Option<PathBuf>,
-        /// Milliseconds a receiver may hold acknowledgements to send them together (0:
-        /// every frame is acknowledged on arrival).
-        #[arg(long, default_value_t = 0)]
-        ack_delay_ms: u64,
-        /// During every timed part, an outside connection to the server's database takes
-        /// SQLite's write lock every EVERY_MS and holds it HOLD_MS, as the server's own
-        /// registrations and key-directory writes do; its waits for the lock are reported.
-        #[arg(long, value_name = "HOLD_MS,EVERY_MS")]
-        hold_write_lock: Option<HoldWriteLock>,
-        /// During every timed part, the first sender's device renames itself through the
-        /// API every MS (a small write through the server's `sqlx` connection, as
-        /// registrations and KeyPackage uploads are); the renames' times are reported.
-        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
-        rename_every: Option<u64>,
+        #[command(flatten)]
+        timed: TimedPartArgs,
         /// Timed runs of every setting (the peak and each fraction) on the same server;
         /// the peak is the median of its runs, the summary and the plot use the run with
         /// the median p99 of each fraction, and the JSON has every run.
@@ -217,9 +236,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             size,
             window,
             decrypt_every,
-            ack_delay_ms,
-            hold_write_lock,
-            rename_every,
+            timed,
             repeat,
         } => {
             let mut results = Vec::new();
@@ -227,17 +244,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let server = ServerProcess::start(&options).await?;
                 let population = Population::new(&server.url)?;
                 let pairs = population.pairs(p, "").await?;
-                let relay = RelayOptions {
-                    messages: *messages,
-                    size: *size,
-                    rate: None,
-                    window: *window,
-                    decrypt_every: *decrypt_every,
-                    ack_delay: Duration::from_millis(*ack_delay_ms),
-                    hold_write_lock: *hold_write_lock,
-                    rename_every: rename_every.map(Duration::from_millis),
-                    timeout: Duration::from_secs(300),
-                };
+                let relay = timed.relay_options(*messages, *size, *window, *decrypt_every);
                 for _ in 0..(*repeat).max(1) {
                     let prepared = relay::prepare_all(&pairs, &relay)?;
                     results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
@@ -255,26 +262,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             peak,
             fractions,
             plot: plot_path,
-            ack_delay_ms,
-            hold_write_lock,
-            rename_every,
+            timed,
             repeat,
         } => {
             let repeat = (*repeat).max(1);
             let server = ServerProcess::start(&options).await?;
             let population = Population::new(&server.url)?;
             let pairs = population.pairs(*pairs, "").await?;
-            let mut relay = RelayOptions {
-                messages: *messages,
-                size: 200,
-                rate: None,
-                window: 32,
-                decrypt_every: 100,
-                ack_delay: Duration::from_millis(*ack_delay_ms),
-                hold_write_lock: *hold_write_lock,
-                rename_every: rename_every.map(Duration::from_millis),
-                timeout: Duration::from_secs(300),
-            };
+            let mut relay = timed.relay_options(*messages, 200, 32, 100);
             let mut results = Vec::new();
             let peak = match peak {
                 Some(peak) => *peak,

@@ -1298,16 +1298,23 @@ mod tests {
         store.close().await;
     }
 
+    /// A store on `t.db` in a new directory, with a group (id: `tag` repeated) of two
+    /// devices.
+    async fn open_with_pair(tag: &str) -> (tempfile::TempDir, SqliteStore, String, Uuid, Uuid) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let group = tag.repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        (dir, store, group, a, b)
+    }
+
     /// While another connection holds SQLite's write lock, a message waits for it (the
     /// writer's busy handler, `writer::lock_wait`) instead of failing with "database is
     /// locked", and is committed only after the lock was released.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_message_waits_while_another_connection_holds_the_write_lock() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, store, group, a, b) = open_with_pair("a5").await;
         let path = dir.path().join("t.db");
-        let store = SqliteStore::open(&path).await.unwrap();
-        let group = "a5".repeat(16);
-        let (a, b) = pair(&store, &group).await;
         let other = rusqlite::Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         let holder = std::thread::spawn(move || {
@@ -1334,11 +1341,7 @@ mod tests {
     /// lock is free, and goes as soon as the turn ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_message_waits_for_the_turn_of_the_sqlx_connection() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let store = SqliteStore::open(&path).await.unwrap();
-        let group = "a6".repeat(16);
-        let (a, b) = pair(&store, &group).await;
+        let (_dir, store, group, a, b) = open_with_pair("a6").await;
         let turn = store.writer.acquire().await.unwrap();
         let sending = tokio::spawn({
             let store = store.clone();
@@ -1373,10 +1376,7 @@ mod tests {
     /// try between two batches or the queue ran dry.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlx_writes_go_between_two_batches_of_a_busy_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
-        let group = "a7".repeat(16);
-        let (a, _) = pair(&store, &group).await;
+        let (_dir, store, group, a, _) = open_with_pair("a7").await;
         let batches = || store.batch_stats().batches.load(Ordering::Relaxed);
         let started = batches();
         let flood: Vec<_> = (0..16 * super::super::writer::MAX_BATCH)
