@@ -49,6 +49,10 @@ pub struct RelayOptions {
     pub hold_write_lock: Option<HoldWriteLock>,
     /// How often the first sender's device renames itself through the API, if at all.
     pub rename_every: Option<Duration>,
+    /// How long after the timed part the server's storage threads are watched for the
+    /// work the run left behind ([`RelayResult::deferred_server_cpu_seconds`]); zero
+    /// skips it.
+    pub settle: Duration,
     pub timeout: Duration,
 }
 
@@ -71,6 +75,16 @@ pub struct RelayResult {
     pub server_cpu_seconds: f64,
     pub server_cpu_us_per_message: f64,
     pub server_cpu_seconds_per_1000: f64,
+    /// CPU seconds the server's storage threads spent after the timed part, during the
+    /// settle time: the work the run left behind. The server drops the ciphertexts of
+    /// delivered messages two seconds after storing them (its sweep) and copies the WAL
+    /// back into the database after that (its checkpoint), so a run shorter than a few
+    /// seconds leaves much of that work to be done when it has ended. `None` without a
+    /// settle time.
+    pub deferred_server_cpu_seconds: Option<f64>,
+    /// Server CPU per message with the deferred work counted: the cost of a message to a
+    /// server that keeps up for longer than the run.
+    pub server_cpu_us_per_message_with_deferred: Option<f64>,
     pub generator_cpu_seconds: f64,
     pub generator_cpu_us_per_message: f64,
     pub latency: Percentiles,
@@ -215,6 +229,8 @@ pub async fn run(
     let ((received, sent), renames) = tokio::join!(relaying, renaming);
     let wall = start.elapsed().as_secs_f64();
     let server_cpu = server.cpu_seconds()? - server_cpu_before;
+    let storage_cpu_after_run = server.storage_cpu_seconds()?;
+    let run_ended = Instant::now();
     let own_cpu = own_cpu_seconds()? - own_cpu_before;
     let cpus = CpuTicks::now()?.since(&ticks_before);
     let server_rss_bytes = server.rss_bytes()?;
@@ -253,6 +269,16 @@ pub async fn run(
             }
         }
     }
+    let deferred_server_cpu = if options.settle.is_zero() {
+        None
+    } else {
+        progress(&format!(
+            "watching the server's storage threads for {:.1} s after the timed part",
+            options.settle.as_secs_f64()
+        ));
+        tokio::time::sleep_until((run_ended + options.settle).into()).await;
+        Some((server.storage_cpu_seconds()? - storage_cpu_after_run).max(0.0))
+    };
     let per_message = |seconds: f64| seconds * 1e6 / delivered.max(1) as f64;
     let timeline = TimelineSlice::of(&mut latencies);
     let mut latencies: Vec<u64> = latencies.into_iter().map(|(_, latency)| latency).collect();
@@ -293,6 +319,9 @@ pub async fn run(
         server_cpu_seconds: server_cpu,
         server_cpu_us_per_message: per_message(server_cpu),
         server_cpu_seconds_per_1000: server_cpu * 1000.0 / delivered.max(1) as f64,
+        deferred_server_cpu_seconds: deferred_server_cpu,
+        server_cpu_us_per_message_with_deferred: deferred_server_cpu
+            .map(|deferred| per_message(server_cpu + deferred)),
         generator_cpu_seconds: own_cpu,
         generator_cpu_us_per_message: per_message(own_cpu),
         latency: Percentiles::of(&mut latencies),

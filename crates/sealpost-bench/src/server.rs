@@ -127,6 +127,25 @@ impl ServerProcess {
         cpu_seconds_of(&format!("/proc/{}/stat", self.pid()))
     }
 
+    /// User + system CPU seconds the server's storage threads (see [`STORAGE_THREADS`])
+    /// have used so far: the work a run leaves behind when its last message is
+    /// delivered is theirs.
+    pub fn storage_cpu_seconds(&self) -> anyhow::Result<f64> {
+        let tasks = format!("/proc/{}/task", self.pid());
+        let mut seconds = 0.0;
+        for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+            let task = task.with_context(|| format!("reading {tasks}"))?.path();
+            // A thread that ended between the listing and the read is not counted.
+            let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+                continue;
+            };
+            if is_storage_thread(name.trim_end()) {
+                seconds += cpu_seconds_of(&task.join("stat").to_string_lossy())?;
+            }
+        }
+        Ok(seconds)
+    }
+
     /// The group-commit writer's counters, from the server's `/metrics`.
     pub async fn writer_counters(&self) -> anyhow::Result<WriterCounters> {
         let text = reqwest::get(format!("{}/metrics", self.url))
@@ -205,6 +224,21 @@ impl WriterCounters {
     }
 }
 
+/// The names the server gives the threads behind its storage (`store::writer`): the
+/// group-commit writer, the thread that flushes the WAL, and the checkpoint thread. The
+/// kernel keeps the first 15 bytes of a thread's name.
+pub const STORAGE_THREADS: [&str; 3] =
+    ["sealpost-writer", "sealpost-durable", "sealpost-checkpoint"];
+
+/// True for a thread name (as `/proc/<pid>/task/<tid>/comm` shows it, cut to 15 bytes)
+/// of one of [`STORAGE_THREADS`].
+fn is_storage_thread(comm: &str) -> bool {
+    !comm.is_empty()
+        && STORAGE_THREADS
+            .iter()
+            .any(|name| name.get(..name.len().min(15)) == Some(comm))
+}
+
 /// CPU seconds of this process so far.
 pub fn own_cpu_seconds() -> anyhow::Result<f64> {
     cpu_seconds_of("/proc/self/stat")
@@ -254,5 +288,23 @@ mod tests {
     fn reads_own_cpu_and_memory() {
         assert!(own_cpu_seconds().unwrap() >= 0.0);
         assert!(rss_of(Path::new("/proc/self/status")).unwrap() > 0);
+    }
+
+    /// The names as `/proc` shows them, cut to 15 bytes, and nothing else: not the
+    /// process's main thread (`sealpost-server`) nor the tokio workers.
+    #[test]
+    fn knows_the_storage_threads_by_their_cut_names() {
+        for comm in ["sealpost-writer", "sealpost-durabl", "sealpost-checkp"] {
+            assert!(is_storage_thread(comm), "{comm}");
+        }
+        for comm in [
+            "sealpost-server",
+            "tokio-rt-worker",
+            "sealpost-check",
+            "",
+            "sealpost-",
+        ] {
+            assert!(!is_storage_thread(comm), "{comm}");
+        }
     }
 }
