@@ -640,7 +640,7 @@ impl Store for SqliteStore {
         Ok(
             sqlx::query_scalar("SELECT root_hash FROM kt_roots WHERE epoch = ?")
                 .bind(epoch as i64)
-                .fetch_optional(&mut *self.writer.acquire().await?)
+                .fetch_optional(&self.reader)
                 .await?,
         )
     }
@@ -651,7 +651,7 @@ impl Store for SqliteStore {
         )
         .bind(from.min(i64::MAX as u64) as i64)
         .bind(to.min(i64::MAX as u64) as i64)
-        .fetch_all(&mut *self.writer.acquire().await?)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter()
             .map(|row| {
@@ -802,7 +802,7 @@ impl Store for SqliteStore {
              FROM key_packages WHERE device_id = ?",
         )
         .bind(device_id.as_bytes().as_slice())
-        .fetch_one(&mut *self.writer.acquire().await?)
+        .fetch_one(&self.reader)
         .await?;
         Ok(KeyPackageCount {
             one_time: row.try_get::<i64, _>("one_time")?.max(0) as u64,
@@ -1378,16 +1378,35 @@ mod tests {
     /// The key directory's publisher asks for pending changes every `kt_interval` (50 ms
     /// in the bench): a read that must not take a write turn. It did, and at full load the
     /// writer waited for it while it waited for the CPU (164 waits, 1.5 s, in an 11 s
-    /// relay run with 1,000 pairs). It sees a registration's change all the same.
+    /// relay run with 1,000 pairs). It sees a registration's change all the same. So do
+    /// the reads clients cause, of signed roots and of KeyPackage counts.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn asking_for_pending_directory_changes_takes_no_write_turn() {
+    async fn reads_of_the_directory_and_key_package_counts_take_no_write_turn() {
         let (_dir, store, _, a, _) = open_with_pair("a8").await;
+        store
+            .add_key_packages(a, &[vec![1], vec![2]], Some(&[3]), 100)
+            .await
+            .unwrap();
         let turn = store.writer.acquire().await.unwrap();
-        let pending = tokio::time::timeout(std::time::Duration::from_secs(5), store.kt_pending())
+        let within = std::time::Duration::from_secs(5);
+        let pending = tokio::time::timeout(within, store.kt_pending())
             .await
             .expect("asking for pending changes waited for the write turn")
             .unwrap();
+        tokio::time::timeout(within, store.kt_root_hashes(0, 10))
+            .await
+            .expect("reading signed roots waited for the write turn")
+            .unwrap();
+        tokio::time::timeout(within, store.kt_root_hash(0))
+            .await
+            .expect("reading a signed root waited for the write turn")
+            .unwrap();
+        let count = tokio::time::timeout(within, store.key_package_count(a))
+            .await
+            .expect("counting KeyPackages waited for the write turn")
+            .unwrap();
         drop(turn);
+        assert_eq!((count.one_time, count.last_resort), (2, true));
         let owner = store.device(a).await.unwrap().unwrap().username;
         assert!(
             pending.iter().any(|(name, _)| *name == owner),
