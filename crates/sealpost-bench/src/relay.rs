@@ -229,7 +229,10 @@ pub async fn run(
     let ((received, sent), renames) = tokio::join!(relaying, renaming);
     let wall = start.elapsed().as_secs_f64();
     let server_cpu = server.cpu_seconds()? - server_cpu_before;
-    let storage_cpu_after_run = server.storage_cpu_seconds()?;
+    // Only when the storage threads are to be watched after the run (`settle`).
+    let storage_cpu_after_run = (!options.settle.is_zero())
+        .then(|| server.storage_cpu_seconds())
+        .transpose()?;
     let run_ended = Instant::now();
     let own_cpu = own_cpu_seconds()? - own_cpu_before;
     let cpus = CpuTicks::now()?.since(&ticks_before);
@@ -269,15 +272,16 @@ pub async fn run(
             }
         }
     }
-    let deferred_server_cpu = if options.settle.is_zero() {
-        None
-    } else {
-        progress(&format!(
-            "watching the server's storage threads for {:.1} s after the timed part",
-            options.settle.as_secs_f64()
-        ));
-        tokio::time::sleep_until((run_ended + options.settle).into()).await;
-        Some((server.storage_cpu_seconds()? - storage_cpu_after_run).max(0.0))
+    let deferred_server_cpu = match storage_cpu_after_run {
+        None => None,
+        Some(after_run) => {
+            progress(&format!(
+                "watching the server's storage threads for {:.1} s after the timed part",
+                options.settle.as_secs_f64()
+            ));
+            tokio::time::sleep_until((run_ended + options.settle).into()).await;
+            Some((server.storage_cpu_seconds()? - after_run).max(0.0))
+        }
     };
     let per_message = |seconds: f64| seconds * 1e6 / delivered.max(1) as f64;
     let timeline = TimelineSlice::of(&mut latencies);

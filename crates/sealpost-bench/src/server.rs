@@ -227,16 +227,14 @@ impl WriterCounters {
 /// The names the server gives the threads behind its storage (`store::writer`): the
 /// group-commit writer, the thread that flushes the WAL, and the checkpoint thread. The
 /// kernel keeps the first 15 bytes of a thread's name.
-pub const STORAGE_THREADS: [&str; 3] =
-    ["sealpost-writer", "sealpost-durable", "sealpost-checkpoint"];
+const STORAGE_THREADS: [&str; 3] = ["sealpost-writer", "sealpost-durable", "sealpost-checkpoint"];
 
 /// True for a thread name (as `/proc/<pid>/task/<tid>/comm` shows it, cut to 15 bytes)
 /// of one of [`STORAGE_THREADS`].
 fn is_storage_thread(comm: &str) -> bool {
-    !comm.is_empty()
-        && STORAGE_THREADS
-            .iter()
-            .any(|name| name.get(..name.len().min(15)) == Some(comm))
+    STORAGE_THREADS
+        .iter()
+        .any(|name| name.get(..name.len().min(15)) == Some(comm))
 }
 
 /// CPU seconds of this process so far.
