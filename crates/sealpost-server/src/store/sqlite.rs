@@ -56,6 +56,15 @@ pub use super::writer::BatchStats;
 const DATABASE_PAGE_SIZE: u32 = 8192;
 
 impl SqliteStore {
+    /// Waits until everything the group-commit writer committed before this call is on
+    /// disk. It queues an acknowledgement of nothing: that changes no row, but like every
+    /// job that is waited for it is answered only after a flush of the WAL that began after
+    /// its batch was committed, and so after every commit before it (see
+    /// `writer::durability`).
+    async fn writer_durable(&self) -> Result<(), StoreError> {
+        self.ack(Uuid::nil(), &[]).await.map(drop)
+    }
+
     /// Whether `query` (one `?`, bound to `name`) finds a row, on the reader pool.
     async fn has_row(&self, query: &'static str, name: &str) -> Result<bool, StoreError> {
         let found: Option<i64> = sqlx::query_scalar(query)
@@ -856,18 +865,26 @@ impl Store for SqliteStore {
         })
     }
 
+    /// Read in one snapshot, then answered only once everything that snapshot could show
+    /// is on disk ([`Self::writer_durable`]): the writer commits a group's changes before
+    /// they are flushed, and a reader sees them at once.
     async fn group(&self, group_id: &str) -> Result<Option<GroupState>, StoreError> {
-        let mut conn = self.reader.acquire().await?;
+        let mut snapshot = self.reader.begin().await?;
         let epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM groups WHERE group_id = ?")
             .bind(group_id)
-            .fetch_optional(&mut *conn)
+            .fetch_optional(&mut *snapshot)
             .await?;
-        let Some(epoch) = epoch else { return Ok(None) };
-        Ok(Some(GroupState {
-            group_id: group_id.to_owned(),
-            epoch: epoch as u64,
-            members: members_of(&mut conn, group_id).await?,
-        }))
+        let state = match epoch {
+            None => None,
+            Some(epoch) => Some(GroupState {
+                group_id: group_id.to_owned(),
+                epoch: epoch as u64,
+                members: members_of(&mut snapshot, group_id).await?,
+            }),
+        };
+        snapshot.commit().await?;
+        self.writer_durable().await?;
+        Ok(state)
     }
 
     async fn queue_sequence(
@@ -1244,6 +1261,61 @@ mod tests {
         let outcome = ticket.await.unwrap();
         assert_eq!(outcome.deliveries.len(), 1);
         assert_eq!(store.fetch_mailbox(b, 10).await.unwrap().0.len(), 2);
+        store.close().await;
+    }
+
+    /// A group's state is answered only once what it shows is on disk: a commit that the
+    /// writer has committed but not yet flushed (a crash could still take it back) holds the
+    /// answer until the flush, and the answer then shows it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_state_is_answered_only_once_it_is_on_disk() {
+        let flushes = Flushes::default();
+        let (_dir, store, group, a, b) = flushes.store("b3").await;
+        assert_eq!(store.group(&group).await.unwrap().unwrap().epoch, 1);
+
+        flushes.hold(true);
+        let commit = store
+            .queue_sequence(request(&group, a, EnvelopeKind::Commit, 1))
+            .await
+            .unwrap();
+        // Committed: a plain reader sees the new epoch, though it is not durable.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM groups WHERE group_id = ?")
+                .bind(&group)
+                .fetch_one(&store.reader)
+                .await
+                .unwrap();
+            if epoch == 2 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit was not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let reading = tokio::spawn({
+            let (store, group) = (store.clone(), group.clone());
+            async move { store.group(&group).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !reading.is_finished(),
+            "a group state a crash could take back was answered"
+        );
+
+        flushes.hold(false);
+        commit.await.unwrap();
+        let state = reading.await.unwrap().unwrap().unwrap();
+        assert_eq!(
+            (state.epoch, state.members),
+            (2, {
+                let mut members = vec![a, b];
+                members.sort();
+                members
+            })
+        );
         store.close().await;
     }
 
