@@ -471,7 +471,7 @@ impl Store for SqliteStore {
         let row = sqlx::query("SELECT * FROM links WHERE link_id = ? AND expires_at > ?")
             .bind(link_id)
             .bind(now)
-            .fetch_optional(&mut *self.writer.acquire().await?)
+            .fetch_optional(&self.reader)
             .await?;
         row.as_ref().map(link_from_row).transpose()
     }
@@ -1454,8 +1454,8 @@ mod tests {
     /// in the bench): a read that must not take a write turn. It did, and at full load the
     /// writer waited for it while it waited for the CPU (164 waits, 1.5 s, in an 11 s
     /// relay run with 1,000 pairs). It sees a registration's change all the same. So do
-    /// the reads clients cause, of signed roots and of KeyPackage counts, and a publish's
-    /// reads of the changed accounts' entries.
+    /// the reads clients cause, of signed roots, of KeyPackage counts and of device-link
+    /// sessions, and a publish's reads of the changed accounts' entries.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_of_the_directory_and_key_package_counts_take_no_write_turn() {
         let (_dir, store, _, a, _) = open_with_pair("a8").await;
@@ -1463,6 +1463,17 @@ mod tests {
             .add_key_packages(a, &[vec![1], vec![2]], Some(&[3]), 100)
             .await
             .unwrap();
+        let session = LinkRecord {
+            link_id: b"link-a8".to_vec(),
+            owner_device: a,
+            verifier: vec![9; 32],
+            expires_at: NOW + 600,
+            failed_attempts: 0,
+            state: LinkState::Open,
+            sealed_request: None,
+            sealed_response: None,
+        };
+        store.create_link(&session).await.unwrap();
         let turn = store.writer.acquire().await.unwrap();
         let within = std::time::Duration::from_secs(5);
         let pending = tokio::time::timeout(within, store.kt_pending())
@@ -1486,7 +1497,16 @@ mod tests {
             .await
             .expect("reading a directory entry waited for the write turn")
             .unwrap();
+        let link = tokio::time::timeout(within, store.link(b"link-a8", NOW))
+            .await
+            .expect("reading a link session waited for the write turn")
+            .unwrap();
         drop(turn);
+        assert_eq!(
+            link,
+            Some(session),
+            "the link session reads back as created"
+        );
         assert_ne!(entry, DirectoryEntry::deleted(), "the account has an entry");
         assert_eq!((count.one_time, count.last_resort), (2, true));
         assert!(
