@@ -109,8 +109,19 @@ pub struct CpuUse {
 
 /// The steal of every CPU for a table cell: `9/20` is 9% on CPU 0 and 20% on CPU 1.
 pub fn steal_cell(cpus: &[CpuUse]) -> String {
+    percent_cell(cpus, |c| c.steal_percent)
+}
+
+/// How busy every CPU was, for a table cell: `99/27` is 99% on CPU 0 and 27% on CPU 1.
+/// The server's CPU's share is what its latency under load follows (docs/BENCHMARKS.md,
+/// section 2).
+pub fn busy_cell(cpus: &[CpuUse]) -> String {
+    percent_cell(cpus, |c| c.busy_percent)
+}
+
+fn percent_cell(cpus: &[CpuUse], share: impl Fn(&CpuUse) -> f64) -> String {
     cpus.iter()
-        .map(|c| format!("{:.0}", c.steal_percent))
+        .map(|c| format!("{:.0}", share(c)))
         .collect::<Vec<_>>()
         .join("/")
 }
@@ -146,6 +157,7 @@ mod tests {
         assert_eq!(used[1].busy_percent, 100.0);
         assert_eq!(used[1].steal_percent, 0.0);
         assert_eq!(steal_cell(&used), "20/0");
+        assert_eq!(busy_cell(&used), "50/100");
     }
 
     #[test]

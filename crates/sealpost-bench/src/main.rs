@@ -462,6 +462,7 @@ fn print_latency_summary(results: &[RelayResult], settings: &[repeats::Setting])
                 format!("{:.2}", median.latency.p50_ms),
                 format!("{:.2}", median.latency.p99_ms),
                 format!("{low:.2}–{high:.2}"),
+                cpu_use::busy_cell(&median.cpus),
             ]
         })
         .collect();
@@ -475,6 +476,7 @@ fn print_latency_summary(results: &[RelayResult], settings: &[repeats::Setting])
             "p50 ms",
             "p99 ms",
             "p99 range ms",
+            "busy % by CPU",
         ],
         &rows,
     );
@@ -504,6 +506,7 @@ fn print_relay(results: &[RelayResult]) {
                     r.writer.requests as f64 / r.writer.transactions.max(1) as f64
                 ),
                 thousands(r.writer.wal_flushes as f64 / r.wall_seconds.max(1e-9)),
+                cpu_use::busy_cell(&r.cpus),
                 cpu_use::steal_cell(&r.cpus),
             ]
         })
@@ -526,6 +529,7 @@ fn print_relay(results: &[RelayResult]) {
             "decrypted/failed",
             "requests/tx",
             "flushes/s",
+            "busy % by CPU",
             "steal % by CPU",
         ],
         &rows,
