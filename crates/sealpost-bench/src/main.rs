@@ -445,6 +445,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// The column of the server's CPU per message by thread (`ThreadCpu::cell`).
+const THREADS_HEADER: &str = "µs/msg: runtime/writer/flush/ckpt/other";
+
 /// One row per setting of a repeated latency run: its median run and the spread of p99.
 fn print_latency_summary(results: &[RelayResult], settings: &[repeats::Setting]) {
     let rows: Vec<Vec<String>> = settings
@@ -459,6 +462,7 @@ fn print_latency_summary(results: &[RelayResult], settings: &[repeats::Setting])
                 setting.runs.len().to_string(),
                 thousands(median.delivered_per_second),
                 format!("{:.1}", median.server_cpu_us_per_message),
+                median.server_cpu_us_per_message_by_thread.cell(),
                 format!("{:.2}", median.latency.p50_ms),
                 format!("{:.2}", median.latency.p99_ms),
                 format!("{low:.2}–{high:.2}"),
@@ -473,6 +477,7 @@ fn print_latency_summary(results: &[RelayResult], settings: &[repeats::Setting])
             "runs",
             "msg/s",
             "server µs/msg",
+            THREADS_HEADER,
             "p50 ms",
             "p99 ms",
             "p99 range ms",
@@ -496,6 +501,7 @@ fn print_relay(results: &[RelayResult]) {
                 format!("{:.1}", r.server_cpu_us_per_message),
                 r.server_cpu_us_per_message_with_deferred
                     .map_or("-".into(), |us| format!("{us:.1}")),
+                r.server_cpu_us_per_message_by_thread.cell(),
                 format!("{:.1}", r.generator_cpu_us_per_message),
                 format!("{:.2}", r.latency.p50_ms),
                 format!("{:.2}", r.latency.p99_ms),
@@ -522,6 +528,7 @@ fn print_relay(results: &[RelayResult]) {
             "msg/s",
             "server µs/msg",
             "with deferred",
+            THREADS_HEADER,
             "gen µs/msg",
             "p50 ms",
             "p99 ms",

@@ -30,7 +30,7 @@ use crate::lock_holder::{HoldWriteLock, LockHolder, LockHolding};
 use crate::population::{Pair, Prepared, prepare_interleaved, progress};
 use crate::renamer::{self, Renames};
 use crate::report::{Percentiles, TimelineSlice};
-use crate::server::{ServerProcess, WriterCounters, own_cpu_seconds};
+use crate::server::{ServerProcess, ThreadCpu, WriterCounters, own_cpu_seconds};
 
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
@@ -85,6 +85,9 @@ pub struct RelayResult {
     /// Server CPU per message with the deferred work counted: the cost of a message to a
     /// server that keeps up for longer than the run.
     pub server_cpu_us_per_message_with_deferred: Option<f64>,
+    /// Server CPU per message during the timed part by thread: tokio's (the sockets),
+    /// the writer, the durability thread, the checkpoint thread and the rest.
+    pub server_cpu_us_per_message_by_thread: ThreadCpu,
     pub generator_cpu_seconds: f64,
     pub generator_cpu_us_per_message: f64,
     pub latency: Percentiles,
@@ -176,6 +179,7 @@ pub async fn run(
     progress("timed part");
     let writer_before = server.writer_counters().await?;
     let server_cpu_before = server.cpu_seconds()?;
+    let threads_before = server.thread_cpu_seconds()?;
     let own_cpu_before = own_cpu_seconds()?;
     let ticks_before = CpuTicks::now()?;
     let holder = options
@@ -229,10 +233,10 @@ pub async fn run(
     let ((received, sent), renames) = tokio::join!(relaying, renaming);
     let wall = start.elapsed().as_secs_f64();
     let server_cpu = server.cpu_seconds()? - server_cpu_before;
+    let threads_after_run = server.thread_cpu_seconds()?;
+    let by_thread = threads_after_run.since(threads_before);
     // Only when the storage threads are to be watched after the run (`settle`).
-    let storage_cpu_after_run = (!options.settle.is_zero())
-        .then(|| server.storage_cpu_seconds())
-        .transpose()?;
+    let storage_cpu_after_run = (!options.settle.is_zero()).then(|| threads_after_run.storage());
     let run_ended = Instant::now();
     let own_cpu = own_cpu_seconds()? - own_cpu_before;
     let cpus = CpuTicks::now()?.since(&ticks_before);
@@ -280,7 +284,7 @@ pub async fn run(
                 options.settle.as_secs_f64()
             ));
             tokio::time::sleep_until((run_ended + options.settle).into()).await;
-            Some((server.storage_cpu_seconds()? - after_run).max(0.0))
+            Some((server.thread_cpu_seconds()?.storage() - after_run).max(0.0))
         }
     };
     let per_message = |seconds: f64| seconds * 1e6 / delivered.max(1) as f64;
@@ -326,6 +330,7 @@ pub async fn run(
         deferred_server_cpu_seconds: deferred_server_cpu,
         server_cpu_us_per_message_with_deferred: deferred_server_cpu
             .map(|deferred| per_message(server_cpu + deferred)),
+        server_cpu_us_per_message_by_thread: by_thread.per_message(delivered),
         generator_cpu_seconds: own_cpu,
         generator_cpu_us_per_message: per_message(own_cpu),
         latency: Percentiles::of(&mut latencies),

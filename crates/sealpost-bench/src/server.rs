@@ -127,23 +127,11 @@ impl ServerProcess {
         cpu_seconds_of(&format!("/proc/{}/stat", self.pid()))
     }
 
-    /// User + system CPU seconds the server's storage threads (see [`STORAGE_THREADS`])
-    /// have used so far: the work a run leaves behind when its last message is
-    /// delivered is theirs.
-    pub fn storage_cpu_seconds(&self) -> anyhow::Result<f64> {
+    /// User + system CPU seconds of the server's threads so far, by what each thread is
+    /// for ([`ThreadRole`]). A thread that ended before this reading is not counted.
+    pub fn thread_cpu_seconds(&self) -> anyhow::Result<ThreadCpu> {
         let tasks = format!("/proc/{}/task", self.pid());
-        let mut seconds = 0.0;
-        for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
-            let task = task.with_context(|| format!("reading {tasks}"))?.path();
-            // A thread that ended between the listing and the read is not counted.
-            let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
-                continue;
-            };
-            if is_storage_thread(name.trim_end()) {
-                seconds += cpu_seconds_of(&task.join("stat").to_string_lossy())?;
-            }
-        }
-        Ok(seconds)
+        thread_cpu_of(Path::new(&tasks))
     }
 
     /// The group-commit writer's counters, from the server's `/metrics`.
@@ -224,17 +212,131 @@ impl WriterCounters {
     }
 }
 
-/// The names the server gives the threads behind its storage (`store::writer`): the
-/// group-commit writer, the thread that flushes the WAL, and the checkpoint thread. The
-/// kernel keeps the first 15 bytes of a thread's name.
-const STORAGE_THREADS: [&str; 3] = ["sealpost-writer", "sealpost-durable", "sealpost-checkpoint"];
+/// What one of the server's threads is for, told by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ThreadRole {
+    /// tokio's threads: every socket and HTTP request.
+    Runtime,
+    /// The group-commit writer (`store::writer`).
+    Writer,
+    /// The thread that flushes the WAL and publishes what is durable.
+    Durability,
+    /// The WAL checkpoint thread.
+    Checkpoint,
+    /// Everything else: the main thread, `sqlx`'s SQLite threads.
+    Other,
+}
 
-/// True for a thread name (as `/proc/<pid>/task/<tid>/comm` shows it, cut to 15 bytes)
-/// of one of [`STORAGE_THREADS`].
-fn is_storage_thread(comm: &str) -> bool {
-    STORAGE_THREADS
-        .iter()
-        .any(|name| name.get(..name.len().min(15)) == Some(comm))
+/// The names the server gives the threads behind its storage. The kernel keeps the first
+/// 15 bytes of a thread's name (`/proc/<pid>/task/<tid>/comm`).
+const STORAGE_THREADS: [(&str, ThreadRole); 3] = [
+    ("sealpost-writer", ThreadRole::Writer),
+    ("sealpost-durable", ThreadRole::Durability),
+    ("sealpost-checkpoint", ThreadRole::Checkpoint),
+];
+
+impl ThreadRole {
+    /// The role of a thread named `comm` (as `/proc` shows it, cut to 15 bytes).
+    fn of(comm: &str) -> Self {
+        let storage = STORAGE_THREADS
+            .iter()
+            .find(|(name, _)| name.get(..name.len().min(15)) == Some(comm));
+        match storage {
+            Some((_, role)) => *role,
+            None if comm.starts_with("tokio-") => Self::Runtime,
+            None => Self::Other,
+        }
+    }
+}
+
+/// CPU seconds of the server's threads by what they are for, or the same per message.
+/// Where a message's cost goes is what explains a change in it: at partial load the
+/// sockets cost several times what they cost per message at the peak
+/// (docs/BENCHMARKS.md, section 2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ThreadCpu {
+    /// tokio's threads: the sockets and the HTTP API.
+    pub runtime: f64,
+    /// The group-commit writer.
+    pub writer: f64,
+    /// The thread that flushes the WAL and publishes what is durable.
+    pub durability: f64,
+    /// The WAL checkpoint thread.
+    pub checkpoint: f64,
+    /// Every other thread.
+    pub other: f64,
+}
+
+impl ThreadCpu {
+    fn add(&mut self, role: ThreadRole, seconds: f64) {
+        let slot = match role {
+            ThreadRole::Runtime => &mut self.runtime,
+            ThreadRole::Writer => &mut self.writer,
+            ThreadRole::Durability => &mut self.durability,
+            ThreadRole::Checkpoint => &mut self.checkpoint,
+            ThreadRole::Other => &mut self.other,
+        };
+        *slot += seconds;
+    }
+
+    /// The storage threads' share: the work a run leaves behind when its last message
+    /// is delivered is theirs.
+    pub fn storage(&self) -> f64 {
+        self.writer + self.durability + self.checkpoint
+    }
+
+    /// What was spent since `before` (never below zero: a thread that ended in between
+    /// takes its seconds with it).
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            runtime: (self.runtime - before.runtime).max(0.0),
+            writer: (self.writer - before.writer).max(0.0),
+            durability: (self.durability - before.durability).max(0.0),
+            checkpoint: (self.checkpoint - before.checkpoint).max(0.0),
+            other: (self.other - before.other).max(0.0),
+        }
+    }
+
+    /// Microseconds per message of `messages`.
+    pub fn per_message(self, messages: usize) -> Self {
+        let us = |seconds: f64| seconds * 1e6 / messages.max(1) as f64;
+        Self {
+            runtime: us(self.runtime),
+            writer: us(self.writer),
+            durability: us(self.durability),
+            checkpoint: us(self.checkpoint),
+            other: us(self.other),
+        }
+    }
+
+    /// `runtime/writer/durability/checkpoint/other`, one decimal each, for a table cell.
+    pub fn cell(&self) -> String {
+        format!(
+            "{:.1}/{:.1}/{:.1}/{:.1}/{:.1}",
+            self.runtime, self.writer, self.durability, self.checkpoint, self.other
+        )
+    }
+}
+
+/// CPU seconds of the threads under a `/proc/<pid>/task` directory, by role.
+fn thread_cpu_of(tasks: &Path) -> anyhow::Result<ThreadCpu> {
+    let mut cpu = ThreadCpu::default();
+    let listing =
+        std::fs::read_dir(tasks).with_context(|| format!("reading {}", tasks.display()))?;
+    for task in listing {
+        let task = task
+            .with_context(|| format!("reading {}", tasks.display()))?
+            .path();
+        // A thread that ended between the listing and the reads is not counted.
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        let Ok(seconds) = cpu_seconds_of(&task.join("stat").to_string_lossy()) else {
+            continue;
+        };
+        cpu.add(ThreadRole::of(name.trim_end()), seconds);
+    }
+    Ok(cpu)
 }
 
 /// CPU seconds of this process so far.
@@ -288,21 +390,77 @@ mod tests {
         assert!(rss_of(Path::new("/proc/self/status")).unwrap() > 0);
     }
 
-    /// The names as `/proc` shows them, cut to 15 bytes, and nothing else: not the
-    /// process's main thread (`sealpost-server`) nor the tokio workers.
+    /// The names as `/proc` shows them, cut to 15 bytes; tokio's threads by their prefix.
     #[test]
-    fn knows_the_storage_threads_by_their_cut_names() {
-        for comm in ["sealpost-writer", "sealpost-durabl", "sealpost-checkp"] {
-            assert!(is_storage_thread(comm), "{comm}");
+    fn tells_the_threads_by_their_cut_names() {
+        let cases = [
+            ("sealpost-writer", ThreadRole::Writer),
+            ("sealpost-durabl", ThreadRole::Durability),
+            ("sealpost-checkp", ThreadRole::Checkpoint),
+            ("tokio-rt-worker", ThreadRole::Runtime),
+            ("tokio-runtime-w", ThreadRole::Runtime),
+            ("sealpost-server", ThreadRole::Other),
+            ("sqlx-sqlite-wor", ThreadRole::Other),
+            ("sealpost-check", ThreadRole::Other),
+            ("sealpost-", ThreadRole::Other),
+            ("", ThreadRole::Other),
+        ];
+        for (comm, role) in cases {
+            assert_eq!(ThreadRole::of(comm), role, "{comm}");
         }
-        for comm in [
-            "sealpost-server",
-            "tokio-rt-worker",
-            "sealpost-check",
-            "",
-            "sealpost-",
-        ] {
-            assert!(!is_storage_thread(comm), "{comm}");
+    }
+
+    #[test]
+    fn thread_cpu_differences_per_message_and_cell() {
+        let before = ThreadCpu {
+            runtime: 1.0,
+            writer: 0.5,
+            durability: 0.25,
+            checkpoint: 0.125,
+            other: 0.5,
+        };
+        let after = ThreadCpu {
+            runtime: 3.0,
+            writer: 1.5,
+            durability: 0.75,
+            checkpoint: 0.375,
+            // A thread of this role ended in between.
+            other: 0.25,
+        };
+        let spent = after.since(before);
+        assert_eq!(
+            spent,
+            ThreadCpu {
+                runtime: 2.0,
+                writer: 1.0,
+                durability: 0.5,
+                checkpoint: 0.25,
+                other: 0.0,
+            }
+        );
+        assert_eq!(spent.storage(), 1.75);
+        let per_message = spent.per_message(100_000);
+        assert_eq!(per_message.cell(), "20.0/10.0/5.0/2.5/0.0");
+        // No messages: per message of one, not a division by zero.
+        assert_eq!(spent.per_message(0).runtime, 2e6);
+    }
+
+    /// This process's own threads: the test's thread (named after the test) counts as
+    /// "other" with the CPU it used, and no more than the process has used in all.
+    #[test]
+    fn reads_the_threads_of_a_process() {
+        let started = std::time::Instant::now();
+        let mut sum = 0.0f64;
+        while cpu_seconds_of("/proc/thread-self/stat").unwrap() < 0.03
+            && started.elapsed() < Duration::from_secs(5)
+        {
+            sum += (0..100_000u64).map(|i| (i as f64).sqrt()).sum::<f64>();
         }
+        assert!(sum >= 0.0);
+        let cpu = thread_cpu_of(Path::new("/proc/self/task")).unwrap();
+        assert!(cpu.other >= 0.03, "{cpu:?}");
+        assert_eq!(cpu.storage(), 0.0);
+        let total = cpu.runtime + cpu.storage() + cpu.other;
+        assert!(total <= own_cpu_seconds().unwrap() + 0.01, "{cpu:?}");
     }
 }
