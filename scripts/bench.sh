@@ -10,8 +10,9 @@ bench=(taskset -c 1 target/release/sealpost-bench --server-cpus 0)
 
 "${bench[@]}" relay --pairs 10,100,1000 --messages 200000
 "${bench[@]}" latency --pairs 100 --messages 100000 --repeat 3 --plot docs/latency-under-load.svg
-# Ten pairs too (the setting where the p99 target is met, docs/BENCHMARKS.md); its own
-# directory, so that it does not replace the 100-pair latency.json.
+# Ten pairs too (the setting closest to the p99 target, docs/BENCHMARKS.md); its own
+# directory, so that it does not replace the 100-pair latency.json. Paced runs measure
+# latency after their first 3 s (`--measure-after-ms`, the default), the steady state.
 "${bench[@]}" --out target/bench-results/pairs-10 latency --pairs 10 --messages 100000 --repeat 3
 "${bench[@]}" idle --steps 1000,10000,19000
 "${bench[@]}" drain --messages 10000 --runs 5

@@ -98,6 +98,7 @@ impl TimedPartArgs {
             hold_write_lock: self.hold_write_lock,
             rename_every: self.rename_every.map(Duration::from_millis),
             settle: Duration::from_millis(self.settle_ms),
+            measure_after: Duration::ZERO,
             timeout: Duration::from_secs(300),
         }
     }
@@ -132,6 +133,8 @@ enum Command {
     Latency {
         #[arg(long, default_value_t = 100)]
         pairs: usize,
+        /// Messages of each run at full speed (the peak). A paced run sends for
+        /// `--measure-after-ms` plus about 5 s at its rate, at most 1,000,000 messages.
         #[arg(long, default_value_t = 60_000)]
         messages: usize,
         #[arg(long)]
@@ -143,6 +146,13 @@ enum Command {
         /// docs/latency-under-load.svg).
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// The latency percentiles of a paced run count only the messages sent this many
+        /// milliseconds or more into it (its rate, delivery and CPU count them all), and it
+        /// sends for about 5 s after that: the server's steady state, which begins when it
+        /// starts to sweep delivered ciphertexts two seconds after storing them. 0 counts
+        /// every message. The runs at full speed count every message.
+        #[arg(long, default_value_t = 3_000)]
+        measure_after_ms: u64,
         #[command(flatten)]
         timed: TimedPartArgs,
         /// Timed runs of every setting (the peak and each fraction) on the same server;
@@ -269,6 +279,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             peak,
             fractions,
             plot: plot_path,
+            measure_after_ms,
             timed,
             repeat,
         } => {
@@ -290,10 +301,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     repeats::median_of(&rates, |rate| *rate).context("no peak run")?
                 }
             };
+            relay.measure_after = Duration::from_millis(*measure_after_ms);
             for fraction in fractions {
                 relay.rate = Some(peak * fraction);
-                // Enough messages for ~5 s at this rate, within the bound given.
-                relay.messages = ((peak * fraction * 5.0) as usize).clamp(1_000, *messages);
+                // Enough messages for ~5 s at this rate after the part not measured.
+                let seconds = 5.0 + relay.measure_after.as_secs_f64();
+                relay.messages =
+                    ((peak * fraction * seconds) as usize).clamp(1_000, PACED_MESSAGES_MAX);
                 for _ in 0..repeat {
                     let prepared = relay::prepare_all(&pairs, &relay)?;
                     results.push(relay::run(&server, &pairs, &prepared, &relay).await?);
@@ -444,6 +458,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::IdleWorker { .. } => unreachable!("handled above"),
     }
 }
+
+/// Most messages a paced latency run sends (they are encrypted before it, ~1 KiB of
+/// memory each with the ledger).
+const PACED_MESSAGES_MAX: usize = 1_000_000;
 
 /// The column of the server's CPU per message by thread (`ThreadCpu::cell`).
 const THREADS_HEADER: &str = "µs/msg: runtime/writer/flush/ckpt/other";

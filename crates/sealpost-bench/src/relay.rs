@@ -53,6 +53,9 @@ pub struct RelayOptions {
     /// work the run left behind ([`RelayResult::deferred_server_cpu_seconds`]); zero
     /// skips it.
     pub settle: Duration,
+    /// Latency percentiles count only the messages sent this long after the timed part
+    /// began (delivery, rate and CPU count every message); zero counts all.
+    pub measure_after: Duration,
     pub timeout: Duration,
 }
 
@@ -90,8 +93,12 @@ pub struct RelayResult {
     pub server_cpu_us_per_message_by_thread: ThreadCpu,
     pub generator_cpu_seconds: f64,
     pub generator_cpu_us_per_message: f64,
+    /// Latency of the messages sent [`Self::latency_measured_after_ms`] or later into the
+    /// timed part (`samples` says how many).
     pub latency: Percentiles,
-    /// Latency by send time, to tell stalls from scattered waits.
+    /// Where the latency percentiles begin (`--measure-after-ms`; 0: every message).
+    pub latency_measured_after_ms: u64,
+    /// Latency by send time, to tell stalls from scattered waits; every message.
     pub timeline: Vec<TimelineSlice>,
     pub server_rss_bytes: u64,
     /// The server's writer during the timed part: transactions, the requests (sends and
@@ -289,10 +296,18 @@ pub async fn run(
     };
     let per_message = |seconds: f64| seconds * 1e6 / delivered.max(1) as f64;
     let timeline = TimelineSlice::of(&mut latencies);
-    let mut latencies: Vec<u64> = latencies.into_iter().map(|(_, latency)| latency).collect();
+    let measure_from_ns = u64::try_from(options.measure_after.as_nanos()).unwrap_or(u64::MAX);
+    let mut latencies = measured_latencies(latencies, measure_from_ns);
+    if latencies.len() < delivered.min(1_000) {
+        eprintln!(
+            "  !! only {} messages were sent {} ms or more into the run: latency percentiles from so few say little",
+            latencies.len(),
+            options.measure_after.as_millis()
+        );
+    }
     Ok(RelayResult {
         mode: format!(
-            "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part; {}{}{}",
+            "pre-encrypted MLS ciphertexts; receivers decrypt 1 in {} after the timed part; {}{}{}{}",
             options.decrypt_every,
             if options.ack_delay.is_zero() {
                 "every frame acknowledged on arrival".to_owned()
@@ -309,7 +324,15 @@ pub async fn run(
             options
                 .rename_every
                 .map(|every| format!("; a device renames itself every {} ms", every.as_millis()))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            if options.measure_after.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    "; latency of the messages sent {} ms or more into the run",
+                    options.measure_after.as_millis()
+                )
+            }
         ),
         pairs: pairs.len(),
         messages: total,
@@ -334,6 +357,8 @@ pub async fn run(
         generator_cpu_seconds: own_cpu,
         generator_cpu_us_per_message: per_message(own_cpu),
         latency: Percentiles::of(&mut latencies),
+        latency_measured_after_ms: u64::try_from(options.measure_after.as_millis())
+            .unwrap_or(u64::MAX),
         timeline,
         server_rss_bytes,
         writer,
@@ -341,6 +366,18 @@ pub async fn run(
         outside_writer,
         renames,
     })
+}
+
+/// The latencies of the messages sent `from_ns` or later into the timed part, from
+/// (send time, latency) pairs in nanoseconds. A run's first seconds are not the server's
+/// steady state: it drops the ciphertexts of delivered messages two seconds after storing
+/// them, so in a run of a few seconds most messages meet a server that does not sweep yet.
+fn measured_latencies(latencies: Vec<(u64, u64)>, from_ns: u64) -> Vec<u64> {
+    latencies
+        .into_iter()
+        .filter(|(sent, _)| *sent >= from_ns)
+        .map(|(_, latency)| latency)
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -536,6 +573,24 @@ async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_counts_only_messages_sent_after_the_start_of_measurement() {
+        let ms = 1_000_000;
+        // (sent, latency): sent at 0, 1.999, 2 and 5 ms into the run.
+        let latencies = vec![
+            (0, 7 * ms),
+            (1_999_999, 9 * ms),
+            (2 * ms, 3 * ms),
+            (5 * ms, 4 * ms),
+        ];
+        assert_eq!(
+            measured_latencies(latencies.clone(), 2 * ms),
+            [3 * ms, 4 * ms]
+        );
+        assert_eq!(measured_latencies(latencies.clone(), 0).len(), 4);
+        assert!(measured_latencies(latencies, 6 * ms).is_empty());
+    }
 
     #[test]
     fn without_a_delay_every_frame_is_acknowledged_at_once() {
