@@ -296,13 +296,13 @@ pub async fn run(
     };
     let per_message = |seconds: f64| seconds * 1e6 / delivered.max(1) as f64;
     let timeline = TimelineSlice::of(&mut latencies);
-    let measure_from_ns = u64::try_from(options.measure_after.as_nanos()).unwrap_or(u64::MAX);
-    let mut latencies = measured_latencies(latencies, measure_from_ns);
+    let measured_after_ms = u64::try_from(options.measure_after.as_millis()).unwrap_or(u64::MAX);
+    let mut latencies = measured_latencies(latencies, measured_after_ms.saturating_mul(1_000_000));
     if latencies.len() < delivered.min(1_000) {
         eprintln!(
             "  !! only {} messages were sent {} ms or more into the run: latency percentiles from so few say little",
             latencies.len(),
-            options.measure_after.as_millis()
+            measured_after_ms
         );
     }
     Ok(RelayResult {
@@ -329,8 +329,7 @@ pub async fn run(
                 String::new()
             } else {
                 format!(
-                    "; latency of the messages sent {} ms or more into the run",
-                    options.measure_after.as_millis()
+                    "; latency of the messages sent {measured_after_ms} ms or more into the run"
                 )
             }
         ),
@@ -357,8 +356,7 @@ pub async fn run(
         generator_cpu_seconds: own_cpu,
         generator_cpu_us_per_message: per_message(own_cpu),
         latency: Percentiles::of(&mut latencies),
-        latency_measured_after_ms: u64::try_from(options.measure_after.as_millis())
-            .unwrap_or(u64::MAX),
+        latency_measured_after_ms: measured_after_ms,
         timeline,
         server_rss_bytes,
         writer,

@@ -288,24 +288,23 @@ impl ThreadCpu {
     /// What was spent since `before` (never below zero: a thread that ended in between
     /// takes its seconds with it).
     pub fn since(self, before: Self) -> Self {
-        Self {
-            runtime: (self.runtime - before.runtime).max(0.0),
-            writer: (self.writer - before.writer).max(0.0),
-            durability: (self.durability - before.durability).max(0.0),
-            checkpoint: (self.checkpoint - before.checkpoint).max(0.0),
-            other: (self.other - before.other).max(0.0),
-        }
+        self.combine(before, |now, then| (now - then).max(0.0))
     }
 
     /// Microseconds per message of `messages`.
     pub fn per_message(self, messages: usize) -> Self {
-        let us = |seconds: f64| seconds * 1e6 / messages.max(1) as f64;
+        let per = 1e6 / messages.max(1) as f64;
+        self.combine(self, |seconds, _| seconds * per)
+    }
+
+    /// `f` of each role's value here and in `other`.
+    fn combine(self, other: Self, f: impl Fn(f64, f64) -> f64) -> Self {
         Self {
-            runtime: us(self.runtime),
-            writer: us(self.writer),
-            durability: us(self.durability),
-            checkpoint: us(self.checkpoint),
-            other: us(self.other),
+            runtime: f(self.runtime, other.runtime),
+            writer: f(self.writer, other.writer),
+            durability: f(self.durability, other.durability),
+            checkpoint: f(self.checkpoint, other.checkpoint),
+            other: f(self.other, other.other),
         }
     }
 
