@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Counts the server's user-space instructions per relayed message under callgrind, a
-# figure that does not depend on how busy or how fast the machine is (docs/BENCHMARKS.md,
+# figure that does not depend on how busy or how fast the machine is (docs/BENCHMARKS-LOG.md,
 # section 1, "Instructions per message").
 #
 #   scripts/callgrind-relay.sh [SERVER_BINARY] [SECONDS]

@@ -113,7 +113,7 @@ pub fn steal_cell(cpus: &[CpuUse]) -> String {
 }
 
 /// How busy every CPU was, for a table cell: `99/27` is 99% on CPU 0 and 27% on CPU 1.
-/// The server's CPU's share is what its latency under load follows (docs/BENCHMARKS.md,
+/// The server's CPU's share is what its latency under load follows (docs/BENCHMARKS-LOG.md,
 /// section 2).
 pub fn busy_cell(cpus: &[CpuUse]) -> String {
     percent_cell(cpus, |c| c.busy_percent)

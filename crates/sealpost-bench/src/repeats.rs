@@ -1,7 +1,7 @@
 //! Repeated runs of one setting, and which of them stands for it.
 //!
 //! On the virtual machines these figures come from, one binary's p99 at a fixed load moves
-//! by a factor of five from run to run within an hour (docs/BENCHMARKS.md, section 2), so a
+//! by a factor of five from run to run within an hour (docs/BENCHMARKS-LOG.md, section 2), so a
 //! single run says little. `latency --repeat N` makes N runs of every setting; this module
 //! groups them by setting and picks the run with the median of a figure (p99 for latency,
 //! delivered messages/s for the peak), which is what the summary prints and the plot draws.

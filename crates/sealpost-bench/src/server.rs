@@ -252,7 +252,7 @@ impl ThreadRole {
 /// CPU seconds of the server's threads by what they are for, or the same per message.
 /// Where a message's cost goes is what explains a change in it: at partial load the
 /// sockets cost several times what they cost per message at the peak
-/// (docs/BENCHMARKS.md, section 2).
+/// (docs/BENCHMARKS-LOG.md, section 2).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct ThreadCpu {
     /// tokio's threads: the sockets and the HTTP API.

@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 /// mimalloc rather than the system allocator: the relay path makes several short-lived
 /// allocations per message (frames, envelopes, answers) on one thread and frees them on
 /// another, which glibc's allocator serves with lock traffic and chunk consolidation
-/// (see docs/BENCHMARKS.md for the measured difference).
+/// (see docs/BENCHMARKS-LOG.md for the measured difference).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -3,7 +3,7 @@
 //! `openmls_basic_credential::SignatureKeyPair` keeps only the 32-byte seed and rebuilds
 //! `ed25519_dalek::SigningKey` for every signature, which hashes the seed and derives the
 //! public key (a scalar multiplication) before it signs. That is about a quarter of the
-//! CPU of encrypting one application message (docs/BENCHMARKS.md, *Client crypto*), and
+//! CPU of encrypting one application message (docs/BENCHMARKS-LOG.md, *Client crypto*), and
 //! every message, commit and KeyPackage the device makes is signed. [`DeviceSigner`] builds
 //! the signing key when the identity is loaded and signs with it; the signatures are the
 //! same bytes (Ed25519 is deterministic). The key pair stays the stored form: the engine

@@ -93,7 +93,7 @@ impl SqliteStore {
             .foreign_keys(true)
             // 8 KiB pages for new databases (an existing one keeps its size): a batch of
             // envelopes touches fewer pages, so fewer WAL frames and checkpoint writes; about
-            // 10% less server CPU per relayed message than 4 KiB here (docs/BENCHMARKS.md).
+            // 10% less server CPU per relayed message than 4 KiB here (docs/BENCHMARKS-LOG.md).
             .page_size(DATABASE_PAGE_SIZE)
             .busy_timeout(Duration::from_secs(10));
         // No ping before each use: the connection is in this process and cannot go stale,

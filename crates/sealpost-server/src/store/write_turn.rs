@@ -8,7 +8,7 @@
 //! back-off (1, 2, 5, 10, 15, 20 ms ... between tries). Against a writer thread that
 //! holds the lock most of the time on a busy server, the `sqlx` side lost try after try: a
 //! write that asked every 50 ms during a full-load relay waited p99 432 ms and up to
-//! 1.1 s (docs/BENCHMARKS.md, section 2).
+//! 1.1 s (docs/BENCHMARKS-LOG.md, section 2).
 //!
 //! So the two take turns inside the process before they touch the lock: a first-come,
 //! first-served mutex ([`WriteTurn`]) that the writer thread holds for each of its
@@ -18,7 +18,7 @@
 //! the turns asked for before its own (at most one of them the writer's), and the writer
 //! likewise. While a `sqlx` turn lasts the writer waits; that costs most where a `sqlx`
 //! commit must sync a WAL full of the writer's unflushed frames (counted in
-//! [`super::writer::BatchStats`], measured in docs/BENCHMARKS.md).
+//! [`super::writer::BatchStats`], measured in docs/BENCHMARKS-LOG.md).
 //! SQLite's lock and the busy handlers still settle contention with other processes and
 //! with the checkpoint connection.
 

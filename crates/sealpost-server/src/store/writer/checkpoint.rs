@@ -54,7 +54,7 @@ use crate::store::StoreError;
 /// flushes, about one a millisecond otherwise, stopped for 4–9 ms around each pass (those
 /// during its database sync took 5 ms instead of 0.9). Against 250 ms, p99 at 21,400 msg/s
 /// (ten pairs) fell from a median of 10.8 ms to 6.7 ms over nine runs each; at full load
-/// the checkpoint thread takes ~2% more of the core (docs/BENCHMARKS.md, section 2).
+/// the checkpoint thread takes ~2% more of the core (docs/BENCHMARKS-LOG.md, section 2).
 /// Against one a second, 250 ms had taken p99 at half load from 17–29 ms to 12 ms.
 pub const INTERVAL: Duration = Duration::from_millis(50);
 
@@ -156,7 +156,7 @@ fn run(
 
 /// Runs a passive checkpoint and, when the WAL is long enough for the writer to be asked
 /// to finish it, prepares that finish so it is short: the writer does it between two
-/// batches, while every send waits. Measured at half load (docs/BENCHMARKS.md, section 2)
+/// batches, while every send waits. Measured at half load (docs/BENCHMARKS-LOG.md, section 2)
 /// a pass took tens of milliseconds on the busy core, so what was committed meanwhile
 /// was hundreds of pages, and SQLite syncs the database file only at the end of a
 /// checkpoint that copies everything: the writer copied those pages and synced every
@@ -243,7 +243,7 @@ mod tests {
     /// A pass that leaves a long WAL raises the flag once; after the writer's own
     /// checkpoint its next commit starts the WAL over. (That the writer's checkpoint is what
     /// lets a busy writer's WAL start over is shown by the relay bench: see the WAL sizes in
-    /// docs/BENCHMARKS.md.)
+    /// docs/BENCHMARKS-LOG.md.)
     #[test]
     fn asks_the_writer_to_finish_a_long_wal() {
         let dir = tempfile::tempdir().unwrap();

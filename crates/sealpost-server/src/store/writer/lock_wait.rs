@@ -5,7 +5,7 @@
 //! 2, 5, 10, 15, 20, 25 ms… between tries, so the writer — and with it every message —
 //! came back up to a whole step after the lock was free: during a benchmark's
 //! registrations it slept 1, 2, 5 and 10 ms in a row for a lock that was free again
-//! somewhere between 8 and 18 ms, and 56 ms in all once (docs/BENCHMARKS.md, section 2,
+//! somewhere between 8 and 18 ms, and 56 ms in all once (docs/BENCHMARKS-LOG.md, section 2,
 //! "The writer's waits for the write lock"). The writer polls instead: every
 //! [`SHORT_POLL`] for the first [`SHORT_POLLS`] tries, every [`LONG_POLL`] after that, and
 //! gives up (the batch fails with "database is locked") once it has waited about

@@ -351,7 +351,7 @@ impl Writer {
                 // a core, the socket tasks have usually been waiting while this thread
                 // applied the batch; without this they wait for the scheduler's tick
                 // (4 ms on a HZ=250 kernel), which was the tail of the latency at half
-                // load (docs/BENCHMARKS.md, section 2). With a core to itself this is a
+                // load (docs/BENCHMARKS-LOG.md, section 2). With a core to itself this is a
                 // system call that returns at once, once per batch.
                 std::thread::yield_now();
             }

@@ -2,7 +2,7 @@
 //!
 //! `Connection::prepare_cached` finds a compiled statement by hashing its SQL text and
 //! puts it back into an LRU cache when the handle drops: about 1,400 instructions a call
-//! (callgrind, docs/BENCHMARKS.md section 1), three to four calls per message. A batch
+//! (callgrind, docs/BENCHMARKS-LOG.md section 1), three to four calls per message. A batch
 //! takes each statement from the cache once, on first use, and keeps it until the batch
 //! commits, so a batch of 500 messages pays for a handful of lookups instead of ~2,000.
 //!

@@ -33,7 +33,7 @@ const MARK_EVERY: Duration = Duration::from_millis(100);
 /// writer takes what is due in steps about this size instead of a whole [`MARK_EVERY`] of
 /// messages at once: at 25,000 messages a second that was ~2,500 rows in one transaction,
 /// a stall of several milliseconds for every send ten times a second, which was most of
-/// the p99 latency at half load (docs/BENCHMARKS.md, section 2).
+/// the p99 latency at half load (docs/BENCHMARKS-LOG.md, section 2).
 pub const SWEEP_STEP: i64 = 256;
 
 /// How far one call of [`Sweeper::run`] sweeps.
