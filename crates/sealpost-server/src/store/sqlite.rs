@@ -12,7 +12,8 @@
 
 use std::path::Path;
 use std::str::FromStr as _;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,9 +49,49 @@ pub struct SqliteStore {
     /// Mailbox reads stop at the highest position known to be on disk (see
     /// `writer::durability`).
     durable: Arc<super::writer::durability::DurableMark>,
+    /// Envelopes up to this mailbox position are in the device index (see
+    /// `fetch_mailbox_after`).
+    indexed: Arc<AtomicI64>,
 }
 
 pub use super::writer::BatchStats;
+
+// A device's envelopes are partly indexed and partly not yet (`writer::DEVICE_ENVELOPES`);
+// these statements read or delete both parts. A page is read with plain ordered queries
+// (`fetch_mailbox_after`): a compound `SELECT` of both parts cost three to four times as
+// much per page (docs/BENCHMARKS-LOG.md, 2026-12-08).
+
+/// A page of device `?1`'s indexed envelopes above position `?2` and up to `?3`, at most
+/// `?4`, in position order (from the index, no sort).
+const FETCH_INDEXED_ENVELOPES: &str = "SELECT b.seq, m.message_id, m.group_id, m.group_seq, \
+     m.kind, m.server_time, p.payload FROM mailbox b JOIN messages m ON m.id = b.message \
+     LEFT JOIN payloads p ON p.id = m.id \
+     WHERE b.device_id = ?1 AND b.indexed = 1 AND b.seq > ?2 AND b.seq <= ?3 \
+     ORDER BY b.seq LIMIT ?4";
+
+/// A page of device `?1`'s envelopes above position `?2` and up to `?3`, at most `?4`,
+/// found by position whether indexed or not: for the positions after the device index's
+/// mark, where only a few seconds of envelopes are left.
+const FETCH_ENVELOPES_BY_POSITION: &str = "SELECT b.seq, m.message_id, m.group_id, m.group_seq, \
+     m.kind, m.server_time, p.payload FROM mailbox b JOIN messages m ON m.id = b.message \
+     LEFT JOIN payloads p ON p.id = m.id \
+     WHERE b.seq > ?2 AND b.seq <= ?3 AND b.device_id = ?1 ORDER BY b.seq LIMIT ?4";
+
+/// Deletes device `?1`'s envelopes, returning their messages' row ids.
+static DELETE_DEVICE_ENVELOPES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "DELETE FROM mailbox WHERE seq IN (SELECT seq FROM ({})) RETURNING message",
+        super::writer::DEVICE_ENVELOPES
+    )
+});
+
+/// Sets device `?1`'s envelope count to what its mailbox holds.
+static RECOUNT_DEVICE_ENVELOPES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE mailbox_counts SET n = (SELECT COUNT(*) FROM ({})) WHERE device_id = ?1",
+        super::writer::DEVICE_ENVELOPES
+    )
+});
 
 /// Page size of a newly created database file.
 const DATABASE_PAGE_SIZE: u32 = 8192;
@@ -115,8 +156,11 @@ impl SqliteStore {
             .await?;
         let stats = Arc::new(BatchStats::default());
         let deliveries = Arc::new(super::writer::DeliveryHook::default());
-        let (batcher, durable) =
-            super::writer::spawn(path, stats.clone(), deliveries.clone(), flush, turn)?;
+        let super::writer::Spawned {
+            jobs: batcher,
+            durable,
+            indexed,
+        } = super::writer::spawn(path, stats.clone(), deliveries.clone(), flush, turn)?;
         Ok(Self {
             writer,
             reader,
@@ -124,6 +168,7 @@ impl SqliteStore {
             stats,
             deliveries,
             durable,
+            indexed,
         })
     }
 
@@ -289,11 +334,10 @@ async fn delete_device(conn: &mut SqliteConnection, device_id: Uuid) -> Result<(
         mark_kt_pending(conn, &owner).await?;
     }
     // The device's envelopes go, and a message with none left loses its ciphertext.
-    let messages: Vec<i64> =
-        sqlx::query_scalar("DELETE FROM mailbox WHERE device_id = ? RETURNING message")
-            .bind(id)
-            .fetch_all(&mut *conn)
-            .await?;
+    let messages: Vec<i64> = sqlx::query_scalar(DELETE_DEVICE_ENVELOPES.as_str())
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
     for message in messages {
         sqlx::query(super::writer::FORGET_IF_DELIVERED)
             .bind(message)
@@ -917,18 +961,42 @@ impl Store for SqliteStore {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<Envelope>, bool), StoreError> {
-        let rows = sqlx::query(
-            "SELECT b.seq, m.message_id, m.group_id, m.group_seq, m.kind, m.server_time, p.payload \
-             FROM mailbox b JOIN messages m ON m.id = b.message \
-             LEFT JOIN payloads p ON p.id = m.id \
-             WHERE b.device_id = ? AND b.seq > ? AND b.seq <= ? ORDER BY b.seq LIMIT ?",
-        )
-        .bind(device_id.as_bytes().as_slice())
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::try_from(self.durable.get()).unwrap_or(i64::MAX))
-        .bind((limit + 1) as i64)
-        .fetch_all(&self.reader)
-        .await?;
+        let device = device_id.as_bytes().as_slice();
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let durable = i64::try_from(self.durable.get()).unwrap_or(i64::MAX);
+        let wanted = limit + 1;
+        // Loaded before any query, so every snapshot below has the envelopes up to here in
+        // the device index. Above it, envelopes are found by position, indexed or not.
+        let indexed = self.indexed.load(Ordering::Acquire);
+        let mut rows = Vec::new();
+        let mut from = after;
+        if after < indexed {
+            rows = sqlx::query(FETCH_INDEXED_ENVELOPES)
+                .bind(device)
+                .bind(after)
+                .bind(durable)
+                .bind(wanted as i64)
+                .fetch_all(&self.reader)
+                .await?;
+            // Fewer than asked for: the snapshot had no more indexed envelopes, so
+            // whatever else there is lies above both `indexed` and the last one read.
+            let last = match rows.last() {
+                Some(row) => row.try_get::<i64, _>("seq")?,
+                None => after,
+            };
+            from = last.max(indexed);
+        }
+        if rows.len() < wanted {
+            rows.extend(
+                sqlx::query(FETCH_ENVELOPES_BY_POSITION)
+                    .bind(device)
+                    .bind(from)
+                    .bind(durable)
+                    .bind((wanted - rows.len()) as i64)
+                    .fetch_all(&self.reader)
+                    .await?,
+            );
+        }
         let more = rows.len() > limit;
         let mut envelopes = Vec::with_capacity(rows.len().min(limit));
         for row in rows.iter().take(limit) {
@@ -1023,13 +1091,10 @@ impl Store for SqliteStore {
         devices.sort_unstable();
         devices.dedup();
         for device in devices {
-            sqlx::query(
-                "UPDATE mailbox_counts SET n = (SELECT COUNT(*) FROM mailbox WHERE device_id = ?1) \
-                 WHERE device_id = ?1",
-            )
-            .bind(device)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(RECOUNT_DEVICE_ENVELOPES.as_str())
+                .bind(device)
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query("DELETE FROM login_challenges WHERE expires_at < ?")
             .bind(now)
@@ -1612,6 +1677,142 @@ mod tests {
         store.close().await;
     }
 
+    /// Positions of `device`'s envelopes that the sweep has indexed.
+    async fn indexed_ids(store: &SqliteStore, device: Uuid) -> Vec<u64> {
+        sqlx::query_scalar(
+            "SELECT seq FROM mailbox WHERE device_id = ? AND indexed = 1 ORDER BY seq",
+        )
+        .bind(device.as_bytes().as_slice())
+        .fetch_all(&store.reader)
+        .await
+        .unwrap()
+    }
+
+    /// Every position in `device`'s mailbox, read in pages of `page`.
+    async fn all_mailbox_ids(store: &SqliteStore, device: Uuid, page: usize) -> Vec<u64> {
+        let mut ids: Vec<u64> = Vec::new();
+        loop {
+            let after = ids.last().copied().unwrap_or(0);
+            let (envelopes, more) = store
+                .fetch_mailbox_after(device, after, page)
+                .await
+                .unwrap();
+            assert!(envelopes.len() <= page);
+            ids.extend(envelopes.iter().map(|e| e.id));
+            if !more {
+                return ids;
+            }
+        }
+    }
+
+    /// An envelope is indexed by device only once the sweep finds it still waiting; until
+    /// then it is read by position. Reads page across the boundary with nothing lost or
+    /// repeated, expiry recounts both parts, and removing the device removes both.
+    #[tokio::test]
+    async fn envelopes_are_read_counted_and_removed_whether_indexed_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let group = "a7".repeat(16);
+        let (a, b) = pair(&store, &group).await;
+        let send = |expires_at: i64| {
+            let mut message = request(&group, a, EnvelopeKind::Application, 1);
+            message.expires_at = expires_at;
+            store.sequence(message)
+        };
+        for at in [NOW + 50, NOW + 100, NOW + 100, NOW + 50] {
+            send(at).await.unwrap();
+        }
+        let first = all_mailbox_ids(&store, b, 10).await;
+        assert_eq!(first.len(), 5, "the Welcome and four messages");
+        assert!(
+            indexed_ids(&store, b).await.is_empty(),
+            "nothing is due yet"
+        );
+
+        // A forced sweep indexes every envelope there is; later ones are not.
+        store.sweep_delivered().await.unwrap();
+        assert_eq!(indexed_ids(&store, b).await, first);
+        for at in [NOW + 100, NOW + 50, NOW + 100] {
+            send(at).await.unwrap();
+        }
+        let all = all_mailbox_ids(&store, b, 10).await;
+        assert_eq!(all.len(), 8);
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "in order: {all:?}");
+        assert_eq!(&all[..5], &first[..]);
+        for page in [1, 2, 3, 5, 7] {
+            assert_eq!(
+                all_mailbox_ids(&store, b, page).await,
+                all,
+                "pages of {page}"
+            );
+        }
+        assert!(all_mailbox_ids(&store, a, 3).await.is_empty());
+
+        // Acknowledged envelopes go from either part.
+        assert_eq!(store.ack(b, &[all[2], all[7]]).await.unwrap(), 2);
+        let left: Vec<u64> = all
+            .iter()
+            .copied()
+            .filter(|id| *id != all[2] && *id != all[7])
+            .collect();
+        assert_eq!(all_mailbox_ids(&store, b, 2).await, left);
+
+        // Expiry takes the early messages from both parts and recounts what is left.
+        assert_eq!(store.expire(NOW + 60).await.unwrap(), 3);
+        let left = all_mailbox_ids(&store, b, 4).await;
+        assert_eq!(left.len(), 3, "the Welcome and two messages: {left:?}");
+        let count: i64 = sqlx::query_scalar("SELECT n FROM mailbox_counts WHERE device_id = ?")
+            .bind(b.as_bytes().as_slice())
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        assert_eq!(count, 3);
+
+        // One more unindexed envelope, then the device goes with all of them.
+        send(NOW + 100).await.unwrap();
+        assert_eq!(all_mailbox_ids(&store, b, 10).await.len(), 4);
+        store.remove_device(b).await.unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox")
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        assert_eq!(rows, 0);
+        store.close().await;
+    }
+
+    /// Reading a page of a device's envelopes uses the device index for the indexed part
+    /// and positions for the rest, never a scan of the whole mailbox or a sort.
+    #[tokio::test]
+    async fn a_page_of_envelopes_is_read_by_index_and_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        for (query, access) in [
+            (FETCH_INDEXED_ENVELOPES, "USING INDEX mailbox_by_device"),
+            (
+                FETCH_ENVELOPES_BY_POSITION,
+                "USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)",
+            ),
+        ] {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {query}")))
+                .bind(vec![0u8; 16])
+                .bind(0i64)
+                .bind(10i64)
+                .bind(10i64)
+                .fetch_all(&store.reader)
+                .await
+                .unwrap();
+            let plan = rows
+                .iter()
+                .map(|row| row.try_get::<String, _>("detail").unwrap())
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(plan.contains(&format!("SEARCH b {access}")), "{plan}");
+            assert!(!plan.contains("SCAN"), "{plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+        }
+        store.close().await;
+    }
+
     /// A quiet acknowledgement is queued, not waited for, and deletes like any other; the
     /// writer takes jobs in order, so a confirmed acknowledgement after it sees it done.
     #[tokio::test]
@@ -1928,6 +2129,14 @@ mod tests {
         pool.close().await;
 
         let store = SqliteStore::open(&path).await.unwrap();
+        // Every envelope from before the upgrade is in the device index.
+        assert_eq!(indexed_ids(&store, b).await, vec![1, 2]);
+        let indexed: i64 =
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'mailbox_indexed'")
+                .fetch_one(&store.reader)
+                .await
+                .unwrap();
+        assert_eq!(indexed, 3);
         let (mail, _) = store.fetch_mailbox(b, 10).await.unwrap();
         assert_eq!(
             mail.iter()

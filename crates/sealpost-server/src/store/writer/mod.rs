@@ -28,17 +28,17 @@ mod sweep;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior};
 use sealpost_proto::api::EnvelopeKind;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-pub(crate) use self::sweep::FORGET_IF_DELIVERED;
 #[cfg(test)]
 pub(crate) use self::sweep::LAG as SWEEP_LAG;
 pub(crate) use self::sweep::SWEEP_STEP;
+pub(crate) use self::sweep::{DEVICE_ENVELOPES, FORGET_IF_DELIVERED};
 
 use self::cache::Cache;
 use self::durability::{Committed, DurableMark};
@@ -227,16 +227,27 @@ fn wal_path(path: &Path) -> std::path::PathBuf {
     wal.into()
 }
 
+/// What [`spawn`] hands the store.
+pub(crate) struct Spawned {
+    /// The writer's job queue.
+    pub jobs: mpsc::Sender<Job>,
+    /// The highest mailbox position known to be on disk.
+    pub durable: Arc<DurableMark>,
+    /// The mailbox position up to which envelopes are in the device index
+    /// ([`sweep::Sweeper::indexed_mark`]).
+    pub indexed: Arc<AtomicI64>,
+}
+
 /// Opens the writer's connection on an existing, migrated database and starts its thread
-/// and the durability thread. Returns the job queue and the durable mark. `turn` is shared
-/// with the database's `sqlx` write connection.
+/// and the durability thread. `turn` is shared with the database's `sqlx` write
+/// connection.
 pub(crate) fn spawn(
     path: &Path,
     stats: Arc<BatchStats>,
     hook: Arc<DeliveryHook>,
     flush: durability::FlushFn,
     turn: WriteTurn,
-) -> Result<(mpsc::Sender<Job>, Arc<DurableMark>), StoreError> {
+) -> Result<Spawned, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_handler(Some(lock_wait::wait_for_lock))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -278,6 +289,7 @@ pub(crate) fn spawn(
             .map_err(|_| StoreError::Invalid("cannot start the durability thread"))?;
     }
     let sweeper = Sweeper::load(&conn)?;
+    let indexed = sweeper.indexed_mark();
     let checkpointer = checkpoint::spawn(path, jobs.downgrade())?;
     let writer = Writer {
         conn,
@@ -291,7 +303,11 @@ pub(crate) fn spawn(
         .name("sealpost-writer".into())
         .spawn(move || writer.run(receiver))
         .map_err(|_| StoreError::Invalid("cannot start the writer thread"))?;
-    Ok((jobs, mark))
+    Ok(Spawned {
+        jobs,
+        durable: mark,
+        indexed,
+    })
 }
 
 /// The writer thread's state.
