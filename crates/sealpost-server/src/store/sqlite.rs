@@ -61,21 +61,30 @@ pub use super::writer::BatchStats;
 // (`fetch_mailbox_after`): a compound `SELECT` of both parts cost three to four times as
 // much per page (docs/BENCHMARKS-LOG.md, 2026-12-08).
 
+/// A page of envelopes: their rows, messages and ciphertexts, with the page's conditions.
+macro_rules! envelope_page {
+    ($conditions:literal) => {
+        concat!(
+            "SELECT b.seq, m.message_id, m.group_id, m.group_seq, m.kind, m.server_time, \
+                 p.payload \
+             FROM mailbox b JOIN messages m ON m.id = b.message \
+             LEFT JOIN payloads p ON p.id = m.id WHERE ",
+            $conditions,
+            " ORDER BY b.seq LIMIT ?4"
+        )
+    };
+}
+
 /// A page of device `?1`'s indexed envelopes above position `?2` and up to `?3`, at most
 /// `?4`, in position order (from the index, no sort).
-const FETCH_INDEXED_ENVELOPES: &str = "SELECT b.seq, m.message_id, m.group_id, m.group_seq, \
-     m.kind, m.server_time, p.payload FROM mailbox b JOIN messages m ON m.id = b.message \
-     LEFT JOIN payloads p ON p.id = m.id \
-     WHERE b.device_id = ?1 AND b.indexed = 1 AND b.seq > ?2 AND b.seq <= ?3 \
-     ORDER BY b.seq LIMIT ?4";
+const FETCH_INDEXED_ENVELOPES: &str =
+    envelope_page!("b.device_id = ?1 AND b.indexed = 1 AND b.seq > ?2 AND b.seq <= ?3");
 
 /// A page of device `?1`'s envelopes above position `?2` and up to `?3`, at most `?4`,
 /// found by position whether indexed or not: for the positions after the device index's
 /// mark, where only a few seconds of envelopes are left.
-const FETCH_ENVELOPES_BY_POSITION: &str = "SELECT b.seq, m.message_id, m.group_id, m.group_seq, \
-     m.kind, m.server_time, p.payload FROM mailbox b JOIN messages m ON m.id = b.message \
-     LEFT JOIN payloads p ON p.id = m.id \
-     WHERE b.seq > ?2 AND b.seq <= ?3 AND b.device_id = ?1 ORDER BY b.seq LIMIT ?4";
+const FETCH_ENVELOPES_BY_POSITION: &str =
+    envelope_page!("b.seq > ?2 AND b.seq <= ?3 AND b.device_id = ?1");
 
 /// Deletes device `?1`'s envelopes, returning their messages' row ids.
 static DELETE_DEVICE_ENVELOPES: LazyLock<String> = LazyLock::new(|| {

@@ -164,7 +164,7 @@ impl Lagging {
 }
 
 /// The newest message id and the last mailbox position handed out, at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 struct Newest {
     message: i64,
     position: i64,
@@ -338,13 +338,25 @@ mod tests {
         conn
     }
 
-    fn payloads(conn: &Connection) -> Vec<i64> {
-        let mut select = conn.prepare("SELECT id FROM payloads ORDER BY id").unwrap();
+    /// Every row `sql` selects with `params`, as `row` reads it.
+    fn rows<T>(
+        conn: &Connection,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Vec<T> {
+        let mut select = conn.prepare(sql).unwrap();
         select
-            .query_map([], |row| row.get(0))
+            .query_map(params, row)
             .unwrap()
             .map(Result::unwrap)
             .collect()
+    }
+
+    fn payloads(conn: &Connection) -> Vec<i64> {
+        rows(conn, "SELECT id FROM payloads ORDER BY id", [], |row| {
+            row.get(0)
+        })
     }
 
     /// A range is swept only once it is `LAG` old; then every message of it with no
@@ -431,28 +443,22 @@ mod tests {
 
     /// (position, indexed) of every envelope, in position order.
     fn envelopes(conn: &Connection) -> Vec<(i64, bool)> {
-        let mut select = conn
-            .prepare("SELECT seq, indexed FROM mailbox ORDER BY seq")
-            .unwrap();
-        select
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
+        rows(
+            conn,
+            "SELECT seq, indexed FROM mailbox ORDER BY seq",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
     }
 
     /// Positions of device `device`'s envelopes as [`DEVICE_ENVELOPES`] reads them.
     fn device_envelopes(conn: &Connection, device: u8) -> Vec<i64> {
-        let mut select = conn
-            .prepare(&format!(
-                "SELECT seq FROM ({DEVICE_ENVELOPES}) ORDER BY seq"
-            ))
-            .unwrap();
-        select
-            .query_map([[device].as_slice()], |row| row.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
+        rows(
+            conn,
+            &format!("SELECT seq FROM ({DEVICE_ENVELOPES}) ORDER BY seq"),
+            [[device].as_slice()],
+            |row| row.get(0),
+        )
     }
 
     /// Envelopes still there `INDEX_LAG` after they were stored are indexed, at most
