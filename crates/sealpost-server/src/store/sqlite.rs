@@ -197,7 +197,9 @@ impl SqliteStore {
     }
 
     /// Drops the ciphertext of every message whose envelopes are all gone, now rather
-    /// than in the writer's next sweep (which runs a few seconds behind); returns how many.
+    /// than in the writer's next sweep (which runs a few seconds behind), and writes the
+    /// idempotency keys waiting in the writer's memory to `message_keys`; returns how many
+    /// ciphertexts it dropped.
     pub async fn sweep_delivered(&self) -> Result<u64, StoreError> {
         let (answer, answered) = oneshot::channel();
         self.batcher
@@ -1066,15 +1068,16 @@ impl Store for SqliteStore {
     async fn expire(&self, now: i64) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin().await?;
         // A message's envelopes are the mailbox rows at its consecutive positions.
-        let expired = sqlx::query_as::<_, (i64, i64, i64)>(
-            "SELECT id, first_seq, last_seq FROM messages WHERE expires_at < ? LIMIT ?",
+        let expired = sqlx::query_as::<_, (i64, i64, i64, Vec<u8>, String, i64)>(
+            "SELECT id, first_seq, last_seq, message_id, group_id, kind FROM messages \
+             WHERE expires_at < ? LIMIT ?",
         )
         .bind(now)
         .bind(EXPIRE_MAX_MESSAGES)
         .fetch_all(&mut *tx)
         .await?;
         let mut emptied: Vec<Vec<u8>> = Vec::new();
-        for (id, first_seq, last_seq) in expired {
+        for (id, first_seq, last_seq, message_id, group_id, kind) in expired {
             if first_seq <= last_seq {
                 emptied.extend(
                     sqlx::query_scalar::<_, Vec<u8>>(
@@ -1090,6 +1093,19 @@ impl Store for SqliteStore {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+            // Its idempotency key, if the writer wrote it to the table already (see
+            // store/writer/message_keys.rs); one still in the writer's memory answers
+            // nothing once the row is gone.
+            sqlx::query(
+                "DELETE FROM message_keys WHERE message_id = ? AND group_id = ? AND kind = ? \
+                 AND message = ?",
+            )
+            .bind(message_id)
+            .bind(group_id)
+            .bind(kind)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query("DELETE FROM payloads WHERE id = ?")
                 .bind(id)
                 .execute(&mut *tx)
@@ -1686,6 +1702,82 @@ mod tests {
         store.close().await;
     }
 
+    /// Rows of `message_keys` and the counter up to which messages have theirs there.
+    async fn message_keys(store: &SqliteStore) -> (i64, i64) {
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM message_keys")
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        let keyed: i64 =
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'messages_keyed'")
+                .fetch_one(&store.reader)
+                .await
+                .unwrap();
+        (rows, keyed)
+    }
+
+    /// A resend gets the first answer while its key waits in the writer's memory, once it
+    /// is in `message_keys`, and after a restart either way; the same id with other content
+    /// is refused; once the message expired, the id is free again.
+    #[tokio::test]
+    async fn a_resend_is_recognised_wherever_its_key_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let group = "a5".repeat(16);
+        let (a, _b) = pair(&store, &group).await;
+        let first = request(&group, a, EnvelopeKind::Application, 1);
+        let answer = store.sequence(first.clone()).await.unwrap().response;
+        // A later id: `first` is no longer the group's highest, so a resend of it is
+        // looked up; an id below the highest that was never used is a new message.
+        store
+            .sequence(request(&group, a, EnvelopeKind::Application, 1))
+            .await
+            .unwrap();
+        let mut low = request(&group, a, EnvelopeKind::Application, 1);
+        low.message_id = Uuid::from_u128(1);
+        assert_eq!(store.sequence(low).await.unwrap().deliveries.len(), 1);
+        let mut tampered = first.clone();
+        tampered.payload = b"other".to_vec();
+        let check = |store: SqliteStore| {
+            let (first, tampered) = (first.clone(), tampered.clone());
+            async move {
+                let again = store.sequence(first).await.unwrap();
+                assert_eq!(again.response, answer);
+                assert!(again.deliveries.is_empty(), "a resend delivers nothing");
+                assert!(matches!(
+                    store.sequence(tampered).await,
+                    Err(StoreError::DuplicateMessageId)
+                ));
+                store
+            }
+        };
+        let store = check(store).await;
+        assert_eq!(
+            message_keys(&store).await,
+            (0, 0),
+            "the keys wait in memory"
+        );
+        store.close().await;
+        let store = check(SqliteStore::open(&path).await.unwrap()).await;
+
+        // Forced into the table (the Commit, its Welcome and the three messages).
+        store.sweep_delivered().await.unwrap();
+        assert_eq!(message_keys(&store).await, (5, 5));
+        let store = check(store).await;
+        store.close().await;
+        let store = check(SqliteStore::open(&path).await.unwrap()).await;
+
+        // Expiry takes the keys with the messages (and b's four envelopes); the id is then
+        // a new message.
+        assert_eq!(store.expire(NOW + 101).await.unwrap(), 4);
+        assert_eq!(message_keys(&store).await, (0, 5));
+        let fresh = store.sequence(first.clone()).await.unwrap();
+        assert_eq!(fresh.deliveries.len(), 1);
+        assert!(fresh.response.group_seq > answer.group_seq);
+        store.close().await;
+    }
+
     /// Positions of `device`'s envelopes that the sweep has indexed.
     async fn indexed_ids(store: &SqliteStore, device: Uuid) -> Vec<u64> {
         sqlx::query_scalar(
@@ -2138,6 +2230,19 @@ mod tests {
         pool.close().await;
 
         let store = SqliteStore::open(&path).await.unwrap();
+        // Every message from before the upgrade has its idempotency key in the table, and
+        // the group knows its highest message id.
+        assert_eq!(message_keys(&store).await, (3, 3));
+        let (highest, max): (Option<Vec<u8>>, Option<Vec<u8>>) = sqlx::query_as(
+            "SELECT highest_message_id, (SELECT MAX(message_id) FROM message_keys) \
+             FROM groups WHERE group_id = ?",
+        )
+        .bind(&group)
+        .fetch_one(&store.reader)
+        .await
+        .unwrap();
+        assert!(highest.is_some());
+        assert_eq!(highest, max);
         // Every envelope from before the upgrade is in the device index.
         assert_eq!(indexed_ids(&store, b).await, vec![1, 2]);
         let indexed: i64 =

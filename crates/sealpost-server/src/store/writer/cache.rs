@@ -36,6 +36,9 @@ const MAX_CACHED_DEVICES: usize = 1_000_000;
 pub(super) struct Group {
     pub epoch: i64,
     pub next_seq: i64,
+    /// The highest message id (byte order) sequenced in the group, of any kind: a send
+    /// with a higher id cannot be a resend, so its idempotency key needs no lookup.
+    pub highest_message_id: Option<Uuid>,
     /// Sorted, so membership is a binary search and recipients come out in a fixed order.
     pub members: Vec<Uuid>,
 }
@@ -117,14 +120,24 @@ impl Cache {
             return Ok(());
         }
         let row = conn
-            .prepare_cached("SELECT epoch, next_seq FROM groups WHERE group_id = ?")?
+            .prepare_cached(
+                "SELECT epoch, next_seq, highest_message_id FROM groups WHERE group_id = ?",
+            )?
             .query_row([group_id], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, Option<Vec<u8>>>(2)?,
+                ))
             })
             .optional()?;
-        let Some((epoch, next_seq)) = row else {
+        let Some((epoch, next_seq, highest)) = row else {
             return Ok(());
         };
+        let highest_message_id = highest
+            .map(|id| Uuid::from_slice(&id))
+            .transpose()
+            .map_err(|_| StoreError::Invalid("stored message id is not 16 bytes"))?;
         let mut select = conn.prepare_cached(
             "SELECT device_id FROM group_members WHERE group_id = ? ORDER BY device_id",
         )?;
@@ -145,6 +158,7 @@ impl Cache {
                 value: Group {
                     epoch,
                     next_seq,
+                    highest_message_id,
                     members,
                 },
                 dirty: false,
@@ -304,13 +318,21 @@ impl Cache {
     /// Writes every dirty entry (before the transaction commits).
     pub fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
         if !self.dirty_groups.is_empty() {
-            let mut update = conn
-                .prepare_cached("UPDATE groups SET epoch = ?, next_seq = ? WHERE group_id = ?")?;
+            let mut update = conn.prepare_cached(
+                "UPDATE groups SET epoch = ?, next_seq = ?, highest_message_id = ? \
+                 WHERE group_id = ?",
+            )?;
             for id in self.dirty_groups.drain(..) {
                 if let Some(slot) = self.groups.get_mut(&id)
                     && slot.dirty
                 {
-                    update.execute(rusqlite::params![slot.value.epoch, slot.value.next_seq, id])?;
+                    let highest = slot.value.highest_message_id.map(|id| *id.as_bytes());
+                    update.execute(rusqlite::params![
+                        slot.value.epoch,
+                        slot.value.next_seq,
+                        highest.as_ref().map(|id| id.as_slice()),
+                        id
+                    ])?;
                     slot.dirty = false;
                 }
             }

@@ -22,6 +22,7 @@ mod cache;
 mod checkpoint;
 pub mod durability;
 mod lock_wait;
+mod message_keys;
 mod sequence;
 mod statements;
 mod sweep;
@@ -42,6 +43,7 @@ pub(crate) use self::sweep::{DEVICE_ENVELOPES, FORGET_IF_DELIVERED};
 
 use self::cache::Cache;
 use self::durability::{Committed, DurableMark};
+use self::message_keys::MessageKeys;
 use self::statements::Statements;
 use self::sweep::{Reach, Sweeper};
 use super::write_turn::WriteTurn;
@@ -290,6 +292,7 @@ pub(crate) fn spawn(
     }
     let sweeper = Sweeper::load(&conn)?;
     let indexed = sweeper.indexed_mark();
+    let keys = MessageKeys::load(&conn)?;
     let checkpointer = checkpoint::spawn(path, jobs.downgrade())?;
     let writer = Writer {
         conn,
@@ -298,6 +301,7 @@ pub(crate) fn spawn(
         committed,
         checkpointer,
         sweeper,
+        keys,
     };
     std::thread::Builder::new()
         .name("sealpost-writer".into())
@@ -319,6 +323,8 @@ struct Writer {
     committed: std::sync::mpsc::SyncSender<Committed>,
     checkpointer: checkpoint::Checkpointer,
     sweeper: Sweeper,
+    /// Idempotency keys of the newest messages, and their runs into the table.
+    keys: MessageKeys,
 }
 
 impl Writer {
@@ -348,6 +354,7 @@ impl Writer {
                 let published = commit_batch(
                     &mut self.conn,
                     &mut cache,
+                    &mut self.keys,
                     std::mem::take(&mut batch),
                     swept,
                 );
@@ -374,7 +381,10 @@ impl Writer {
             // A busy writer sweeps a step after each batch, at least as many ids as the
             // batch could have added; an idle one catches up until jobs come.
             let mut swept = self.sweep(sweeps, Reach::AtMost(SWEEP_STEP + size as i64));
-            while swept && self.sweeper.behind() && jobs.is_empty() {
+            while swept
+                && (self.sweeper.behind() || self.keys.behind(std::time::Instant::now()))
+                && jobs.is_empty()
+            {
                 swept = self.sweep(Vec::new(), Reach::AtMost(SWEEP_STEP));
             }
             if self.checkpointer.take_restart() {
@@ -417,11 +427,26 @@ impl Writer {
         };
         let turn = self.take_turn();
         let result = self.sweeper.run(&mut self.conn, reach);
+        let keyed = match reach {
+            Reach::All => self.keys.step(&mut self.conn, 0, true),
+            Reach::AtMost(ids) => {
+                let at_least = usize::try_from(ids).unwrap_or(0);
+                self.keys.step(&mut self.conn, at_least, false)
+            }
+        };
         drop(turn);
         if let Err(err) = &result {
             // The next sweep covers the range again; nothing is lost.
             tracing::warn!(error = %err, "sweeping delivered ciphertexts failed");
         }
+        if let Err(err) = &keyed {
+            // The keys stay in memory and the next step writes them; nothing is lost.
+            tracing::warn!(error = %err, "writing idempotency keys failed");
+        }
+        let result = match (result, keyed) {
+            (Ok(dropped), Ok(_)) => Ok(dropped),
+            (Err(err), _) | (_, Err(err)) => Err(err),
+        };
         for answer in answers {
             let _ = answer.send(match &result {
                 Ok(dropped) => Ok(*dropped),
@@ -462,14 +487,19 @@ impl Writer {
 fn commit_batch(
     conn: &mut Connection,
     cache: &mut Cache,
+    keys: &mut MessageKeys,
     mut batch: Vec<Job>,
     swept: i64,
 ) -> Committed {
-    let outcome = apply(conn, cache, &mut batch, swept);
+    let outcome = apply(conn, cache, keys, &mut batch, swept);
     let (results, wrote) = match outcome {
-        Ok(results) => (Ok(results), true),
+        Ok(results) => {
+            keys.committed();
+            (Ok(results), true)
+        }
         Err(err) => {
             cache.clear();
+            keys.rolled_back();
             (Err(err), false)
         }
     };
@@ -521,6 +551,7 @@ fn commit_batch(
 fn apply(
     conn: &mut Connection,
     cache: &mut Cache,
+    keys: &mut MessageKeys,
     batch: &mut [Job],
     swept: i64,
 ) -> Result<Vec<Done>, StoreError> {
@@ -536,7 +567,7 @@ fn apply(
             // message). An error after a write can only be the database failing; then
             // the whole batch is rolled back and nobody is told "accepted".
             Job::Sequence(request, _) if request.kind == EnvelopeKind::Application => {
-                match sequence::sequence(&mut statements, cache, request) {
+                match sequence::sequence(&mut statements, cache, keys, request) {
                     Err(err @ StoreError::Sqlite(_)) => return Err(err),
                     result => Done::Sequence(result),
                 }
@@ -555,16 +586,19 @@ fn apply(
             // the batch's statements hold it.)
             Job::Sequence(request, _) => {
                 cache.start_undo();
+                keys.start_savepoint();
                 tx.execute_batch("SAVEPOINT handshake")?;
-                match sequence::sequence(&mut statements, cache, request) {
+                match sequence::sequence(&mut statements, cache, keys, request) {
                     Ok(outcome) => {
                         tx.execute_batch("RELEASE handshake")?;
                         cache.keep();
+                        keys.release_savepoint();
                         Done::Sequence(Ok(outcome))
                     }
                     Err(err) => {
                         tx.execute_batch("ROLLBACK TO handshake; RELEASE handshake")?;
                         cache.undo();
+                        keys.roll_back_savepoint();
                         Done::Sequence(Err(err))
                     }
                 }

@@ -2,8 +2,8 @@
 //!
 //! Group state, mailbox sizes and the mailbox position counter come from the writer's
 //! [`Cache`]; what is written here per message is only what must be: the message row
-//! (with its idempotency key and the consecutive mailbox positions its envelopes took),
-//! its ciphertext, and one mailbox row per recipient. An acknowledgement deletes mailbox
+//! (with the consecutive mailbox positions its envelopes took), its ciphertext, and one
+//! mailbox row per recipient. Its idempotency key is checked and kept by [`MessageKeys`]. An acknowledgement deletes mailbox
 //! rows; ciphertexts go in the writer's sweeps ([`super::sweep`]). The statements come
 //! from the batch's [`Statements`], prepared once per batch.
 
@@ -15,6 +15,7 @@ use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 use super::cache::Cache;
+use super::message_keys::{MessageKeys, Previous};
 use super::statements::Statements;
 use crate::store::{Delivery, SequenceOutcome, SequenceRequest, StoreError, StoredMessage};
 
@@ -24,6 +25,7 @@ use crate::store::{Delivery, SequenceOutcome, SequenceRequest, StoreError, Store
 pub(super) fn sequence(
     statements: &mut Statements<'_>,
     cache: &mut Cache,
+    keys: &mut MessageKeys,
     request: &mut SequenceRequest,
 ) -> Result<SequenceOutcome, StoreError> {
     let tx = statements.conn();
@@ -31,6 +33,22 @@ pub(super) fn sequence(
     let Some(group) = cache.group(tx, &request.group_id)? else {
         return Err(StoreError::GroupNotFound);
     };
+    // A resend of a message accepted earlier (say, before the epoch moved on) gets the
+    // answer the first attempt got; the same id with other content is refused. An id
+    // above every one the group has seen is new: no lookup.
+    let fresh = group
+        .highest_message_id
+        .is_none_or(|highest| request.message_id > highest);
+    if !fresh
+        && let Some(previous) = keys.find(
+            statements,
+            request.message_id,
+            &request.group_id,
+            request.kind.as_i64(),
+        )?
+    {
+        return resend(previous, &hash);
+    }
     let (epoch, group_seq) = (group.epoch, group.next_seq);
     let refusal = if !group.is_member(&request.sender_device) {
         Some(StoreError::NotAMember)
@@ -54,12 +72,7 @@ pub(super) fn sequence(
         other => other,
     };
     if let Some(refusal) = refusal {
-        // A resend of a message accepted earlier (say, before the epoch moved on) gets
-        // the answer the first attempt got.
-        return match previous_answer(tx, request, &hash)? {
-            Some(response) => Ok(resend(response)),
-            None => Err(refusal),
-        };
+        return Err(refusal);
     }
 
     let epoch_after = match request.kind {
@@ -67,8 +80,9 @@ pub(super) fn sequence(
         _ => epoch,
     };
     let first_position = cache.take_mailbox_positions(tx, recipients.len())?;
-    let Some(row) = insert_message(
+    let row = insert_message(
         statements,
+        keys,
         request,
         request.kind,
         group_seq,
@@ -77,16 +91,7 @@ pub(super) fn sequence(
         &hash,
         recipients.len(),
         first_position,
-    )?
-    else {
-        // The message id is taken: a resend, or the same id for other content.
-        return match previous_answer(tx, request, &hash)? {
-            Some(response) => Ok(resend(response)),
-            None => Err(StoreError::Invalid(
-                "a message id conflicts with no message",
-            )),
-        };
-    };
+    )?;
     let message = Arc::new(StoredMessage {
         message_id: request.message_id,
         group_id: request.group_id.clone(),
@@ -120,11 +125,24 @@ pub(super) fn sequence(
                 };
                 add_members(tx, &request.group_id, &request.added_devices)?;
                 added.extend_from_slice(&request.added_devices);
+                if !fresh
+                    && keys
+                        .find(
+                            statements,
+                            request.message_id,
+                            &request.group_id,
+                            EnvelopeKind::Welcome.as_i64(),
+                        )?
+                        .is_some()
+                {
+                    return Err(StoreError::DuplicateMessageId);
+                }
                 let welcome_hash = Sha256::digest(&welcome);
                 let welcome_position =
                     cache.take_mailbox_positions(tx, request.added_devices.len())?;
                 let welcome_row = insert_message(
                     statements,
+                    keys,
                     request,
                     EnvelopeKind::Welcome,
                     group_seq,
@@ -133,8 +151,7 @@ pub(super) fn sequence(
                     &welcome_hash,
                     request.added_devices.len(),
                     welcome_position,
-                )?
-                .ok_or(StoreError::DuplicateMessageId)?;
+                )?;
                 let welcome_message = Arc::new(StoredMessage {
                     kind: EnvelopeKind::Welcome,
                     payload: welcome,
@@ -158,9 +175,16 @@ pub(super) fn sequence(
         EnvelopeKind::Application | EnvelopeKind::Welcome => {}
     }
 
+    let message_id = request.message_id;
     cache.update_group(&request.group_id, |group| {
         group.epoch = epoch_after;
         group.next_seq = group_seq + 1;
+        if group
+            .highest_message_id
+            .is_none_or(|highest| message_id > highest)
+        {
+            group.highest_message_id = Some(message_id);
+        }
         if !removed.is_empty() {
             group.members.retain(|device| !removed.contains(device));
         }
@@ -179,11 +203,19 @@ pub(super) fn sequence(
     })
 }
 
-fn resend(response: SequencedResponse) -> SequenceOutcome {
-    SequenceOutcome {
-        response,
-        deliveries: Vec::new(),
+/// The answer to a resend of `previous`: what the first attempt got, and no deliveries.
+/// The same id with other content (another `hash`) is refused.
+fn resend(previous: Previous, hash: &[u8]) -> Result<SequenceOutcome, StoreError> {
+    if previous.payload_hash != hash {
+        return Err(StoreError::DuplicateMessageId);
     }
+    Ok(SequenceOutcome {
+        response: SequencedResponse {
+            group_seq: previous.group_seq as u64,
+            epoch: previous.epoch_after as u64,
+        },
+        deliveries: Vec::new(),
+    })
 }
 
 /// `MailboxFull` when a recipient's mailbox holds `quota` envelopes or more.
@@ -203,11 +235,11 @@ fn quota_refusal(
 }
 
 /// Inserts a message row for `recipients` envelopes at the mailbox positions from
-/// `first_position`; `None` when its idempotency key (message id, group, kind) is taken
-/// already.
+/// `first_position` and records its idempotency key (checked before); returns its row id.
 #[allow(clippy::too_many_arguments)]
 fn insert_message(
     statements: &mut Statements<'_>,
+    keys: &mut MessageKeys,
     request: &SequenceRequest,
     kind: EnvelopeKind,
     group_seq: i64,
@@ -216,8 +248,10 @@ fn insert_message(
     hash: &[u8],
     recipients: usize,
     first_position: i64,
-) -> Result<Option<i64>, StoreError> {
-    let inserted = statements.insert_message()?.execute(params![
+) -> Result<i64, StoreError> {
+    let row = keys.next_row();
+    statements.insert_message()?.execute(params![
+        row,
         request.group_id,
         request.message_id.as_bytes().as_slice(),
         kind.as_i64(),
@@ -229,17 +263,14 @@ fn insert_message(
         request.now,
         request.expires_at,
     ])?;
-    if inserted != 1 {
-        return Ok(None);
-    }
-    let row = statements.conn().last_insert_rowid();
+    keys.add(request.message_id, &request.group_id, kind.as_i64(), row);
     // A message nobody else receives keeps no ciphertext.
     if recipients > 0 {
         statements
             .insert_payload()?
             .execute(params![row, payload])?;
     }
-    Ok(Some(row))
+    Ok(row)
 }
 
 /// Puts a message into each device's mailbox, at the positions from `first_position`,
@@ -298,45 +329,6 @@ fn add_members(tx: &Connection, group_id: &str, devices: &[Uuid]) -> Result<(), 
         };
     }
     Ok(())
-}
-
-/// The answer a message id already got, if it was sequenced before. The same id with a
-/// different payload is refused.
-fn previous_answer(
-    tx: &Connection,
-    request: &SequenceRequest,
-    hash: &[u8],
-) -> Result<Option<SequencedResponse>, StoreError> {
-    let previous = tx
-        .prepare_cached(
-            "SELECT group_seq, epoch_after, payload_hash FROM messages \
-             WHERE message_id = ? AND group_id = ? AND kind = ?",
-        )?
-        .query_row(
-            params![
-                request.message_id.as_bytes().as_slice(),
-                request.group_id,
-                request.kind.as_i64()
-            ],
-            |row| {
-                Ok((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, i64>(1)?,
-                    row.get::<_, Vec<u8>>(2)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((group_seq, epoch, stored_hash)) = previous else {
-        return Ok(None);
-    };
-    if stored_hash != hash {
-        return Err(StoreError::DuplicateMessageId);
-    }
-    Ok(Some(SequencedResponse {
-        group_seq: group_seq as u64,
-        epoch: epoch as u64,
-    }))
 }
 
 /// Deletes acknowledged envelopes of `device`. A message whose every recipient has it

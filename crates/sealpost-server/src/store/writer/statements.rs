@@ -12,12 +12,13 @@
 
 use rusqlite::{CachedStatement, Connection};
 
+use super::message_keys::FIND_KEY;
 use super::sweep::FORGET_IF_DELIVERED;
 use crate::store::StoreError;
 
-const INSERT_MESSAGE: &str = "INSERT INTO messages (group_id, message_id, kind, group_seq, \
+const INSERT_MESSAGE: &str = "INSERT INTO messages (id, group_id, message_id, kind, group_seq, \
      epoch_after, payload_hash, first_seq, last_seq, server_time, expires_at) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING";
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 const INSERT_PAYLOAD: &str = "INSERT INTO payloads (id, payload) VALUES (?, ?)";
 const INSERT_ENVELOPE: &str = "INSERT INTO mailbox (seq, device_id, message) VALUES (?, ?, ?)";
 const FIND_ENVELOPE: &str = "SELECT message FROM mailbox WHERE seq = ? AND device_id = ?";
@@ -28,6 +29,7 @@ const DELETE_ENVELOPE: &str = "DELETE FROM mailbox WHERE seq = ?";
 pub(super) struct Statements<'conn> {
     conn: &'conn Connection,
     insert_message: Option<CachedStatement<'conn>>,
+    find_key: Option<CachedStatement<'conn>>,
     insert_payload: Option<CachedStatement<'conn>>,
     insert_envelope: Option<CachedStatement<'conn>>,
     find_envelope: Option<CachedStatement<'conn>>,
@@ -54,6 +56,7 @@ impl<'conn> Statements<'conn> {
         Self {
             conn,
             insert_message: None,
+            find_key: None,
             insert_payload: None,
             insert_envelope: None,
             find_envelope: None,
@@ -67,9 +70,15 @@ impl<'conn> Statements<'conn> {
         self.conn
     }
 
-    /// Inserts a message row unless its idempotency key is taken (then no row changes).
+    /// Inserts a message row under the row id given (the idempotency key is checked
+    /// before, see [`super::message_keys`]).
     pub fn insert_message(&mut self) -> Result<&mut CachedStatement<'conn>, StoreError> {
         take(self.conn, &mut self.insert_message, INSERT_MESSAGE)
+    }
+
+    /// The message of an idempotency key in `message_keys` ([`FIND_KEY`]).
+    pub fn find_key(&mut self) -> Result<&mut CachedStatement<'conn>, StoreError> {
+        take(self.conn, &mut self.find_key, FIND_KEY)
     }
 
     /// Inserts a message's ciphertext under its row id.
@@ -114,8 +123,7 @@ mod tests {
         conn.execute_batch(
             "CREATE TABLE messages (id INTEGER PRIMARY KEY, group_id TEXT, message_id BLOB, \
                  kind INTEGER, group_seq INTEGER, epoch_after INTEGER, payload_hash BLOB, \
-                 first_seq INTEGER, last_seq INTEGER, server_time INTEGER, expires_at INTEGER, \
-                 UNIQUE (message_id, group_id, kind));
+                 first_seq INTEGER, last_seq INTEGER, server_time INTEGER, expires_at INTEGER);
              CREATE TABLE payloads (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);
              CREATE TABLE mailbox (seq INTEGER PRIMARY KEY, device_id BLOB NOT NULL, \
                  message INTEGER NOT NULL);",

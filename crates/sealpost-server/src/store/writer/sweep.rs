@@ -187,7 +187,7 @@ impl Newest {
 }
 
 /// A counter's value, 0 if it was never written.
-fn counter(conn: &Connection, name: &str) -> Result<i64, StoreError> {
+pub(super) fn counter(conn: &Connection, name: &str) -> Result<i64, StoreError> {
     Ok(conn
         .query_row("SELECT value FROM counters WHERE name = ?", [name], |row| {
             row.get(0)
@@ -196,7 +196,7 @@ fn counter(conn: &Connection, name: &str) -> Result<i64, StoreError> {
         .unwrap_or(0))
 }
 
-const SET_COUNTER: &str = "INSERT INTO counters (name, value) VALUES (?, ?) \
+pub(super) const SET_COUNTER: &str = "INSERT INTO counters (name, value) VALUES (?, ?) \
      ON CONFLICT(name) DO UPDATE SET value = excluded.value";
 
 impl Sweeper {
