@@ -530,6 +530,8 @@ fn print_relay(results: &[RelayResult]) {
                     r.writer.requests as f64 / r.writer.transactions.max(1) as f64
                 ),
                 thousands(r.writer.wal_flushes as f64 / r.wall_seconds.max(1e-9)),
+                r.server_bytes_written_per_message
+                    .map_or("-".into(), |bytes| format!("{:.2}", bytes / 1024.0)),
                 cpu_use::busy_cell(&r.cpus),
                 cpu_use::steal_cell(&r.cpus),
             ]
@@ -554,6 +556,7 @@ fn print_relay(results: &[RelayResult]) {
             "decrypted/failed",
             "requests/tx",
             "flushes/s",
+            "KiB written/msg",
             "busy % by CPU",
             "steal % by CPU",
         ],

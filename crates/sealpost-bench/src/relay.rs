@@ -101,6 +101,12 @@ pub struct RelayResult {
     /// Latency by send time, to tell stalls from scattered waits; every message.
     pub timeline: Vec<TimelineSlice>,
     pub server_rss_bytes: u64,
+    /// Bytes the server wrote to storage from the start of the timed part until the end
+    /// of the watch after it (the WAL, and the checkpoints' copies into the database
+    /// file), as `/proc/<pid>/io` counts them; `None` where it cannot be read.
+    pub server_bytes_written: Option<u64>,
+    /// The same per delivered message.
+    pub server_bytes_written_per_message: Option<f64>,
     /// The server's writer during the timed part: transactions, the requests (sends and
     /// acknowledgements) they carried, and the WAL flushes that made them durable.
     pub writer: WriterCounters,
@@ -186,6 +192,7 @@ pub async fn run(
     progress("timed part");
     let writer_before = server.writer_counters().await?;
     let server_cpu_before = server.cpu_seconds()?;
+    let bytes_written_before = server.bytes_written();
     let threads_before = server.thread_cpu_seconds()?;
     let own_cpu_before = own_cpu_seconds()?;
     let ticks_before = CpuTicks::now()?;
@@ -294,6 +301,9 @@ pub async fn run(
             Some((server.thread_cpu_seconds()?.storage() - after_run).max(0.0))
         }
     };
+    let server_bytes_written = bytes_written_before
+        .zip(server.bytes_written())
+        .map(|(before, after)| after.saturating_sub(before));
     let per_message = |seconds: f64| seconds * 1e6 / delivered.max(1) as f64;
     let timeline = TimelineSlice::of(&mut latencies);
     let measured_after_ms = u64::try_from(options.measure_after.as_millis()).unwrap_or(u64::MAX);
@@ -359,6 +369,9 @@ pub async fn run(
         latency_measured_after_ms: measured_after_ms,
         timeline,
         server_rss_bytes,
+        server_bytes_written,
+        server_bytes_written_per_message: server_bytes_written
+            .map(|bytes| bytes as f64 / delivered.max(1) as f64),
         writer,
         cpus,
         outside_writer,

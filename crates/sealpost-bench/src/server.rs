@@ -169,6 +169,21 @@ impl ServerProcess {
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         rss_of(Path::new(&format!("/proc/{}/status", self.pid())))
     }
+
+    /// Bytes the server has caused to be written to storage so far (`write_bytes` of
+    /// `/proc/<pid>/io`: its WAL writes and the checkpoints' copies into the database
+    /// file); `None` where the kernel does not show them.
+    pub fn bytes_written(&self) -> Option<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid())).ok()?;
+        write_bytes_of(&io)
+    }
+}
+
+/// The `write_bytes:` value of a `/proc/<pid>/io` text.
+fn write_bytes_of(io: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 impl Drop for ServerProcess {
@@ -381,6 +396,14 @@ fn rss_of(status_path: &Path) -> anyhow::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reads_write_bytes_from_proc_io() {
+        let io = "rchar: 10\nwchar: 20\nsyscr: 1\nsyscw: 2\nread_bytes: 4096\n\
+                  write_bytes: 1228800\ncancelled_write_bytes: 0\n";
+        assert_eq!(write_bytes_of(io), Some(1_228_800));
+        assert_eq!(write_bytes_of("rchar: 10\n"), None);
+    }
+
     use super::*;
 
     #[test]
