@@ -294,3 +294,32 @@ async fn concurrent_senders_reach_a_push_reader_in_group_order() {
     let extra = tokio::time::timeout(Duration::from_millis(300), bob_rx.next()).await;
     assert!(extra.is_err(), "unexpected frame: {extra:?}");
 }
+
+/// A clean shutdown closes open push sockets at once (with a Close frame) instead of
+/// leaving them to the server's 10 s grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_closes_push_sockets() {
+    let env = Env::new().await;
+    let bob = env.client("bob").await;
+    let (_bob_tx, mut bob_rx) = bob.connect_push().await.unwrap().split();
+    let Env { server, dir: _dir } = env;
+    let stopping = tokio::spawn(server.stop());
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match bob_rx.next().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("the push socket was not closed within 5 s");
+    assert!(
+        matches!(closed, Ok(None)),
+        "the socket ended without a Close frame: {closed:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the server took more than 5 s to stop")
+        .unwrap();
+}
