@@ -62,6 +62,13 @@ enum Undo {
     MailboxSeq(Option<Slot<i64>>),
 }
 
+/// `PRAGMA data_version` of the connection: it changes when another connection commits.
+pub(super) fn data_version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("PRAGMA data_version")?
+        .query_row([], |row| row.get(0))?)
+}
+
 #[derive(Default)]
 pub(super) struct Cache {
     data_version: Option<i64>,
@@ -80,9 +87,7 @@ impl Cache {
     /// Called first in every batch's transaction: forgets everything if another
     /// connection committed since the last batch, or if the cache grew too large.
     pub fn begin(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        let version: i64 = conn
-            .prepare_cached("PRAGMA data_version")?
-            .query_row([], |row| row.get(0))?;
+        let version = data_version(conn)?;
         if self.data_version != Some(version)
             || self.cached_members > MAX_CACHED_MEMBERS
             || self.counts.len() > MAX_CACHED_DEVICES

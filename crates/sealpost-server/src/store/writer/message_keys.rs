@@ -29,11 +29,13 @@
 //! expiry emptied the table.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use uuid::Uuid;
 
+use super::cache::data_version;
 use super::statements::Statements;
 use super::sweep::{SET_COUNTER, counter};
 use crate::store::StoreError;
@@ -64,15 +66,21 @@ enum Rows {
 }
 
 impl Rows {
-    /// Keeps the row ids above `upto`; false if none is left.
-    fn keep_above(&mut self, upto: i64) -> bool {
-        match self {
-            Self::One(row) => *row > upto,
-            Self::Many(rows) => {
-                rows.retain(|row| *row > upto);
-                !rows.is_empty()
-            }
+    fn push(&mut self, row: i64) {
+        let mut all: Vec<i64> = self.iter().collect();
+        all.push(row);
+        *self = Self::Many(all);
+    }
+
+    /// Keeps the row ids `keep` accepts; false if none is left.
+    fn retain(&mut self, keep: impl Fn(i64) -> bool) -> bool {
+        let left: Vec<i64> = self.iter().filter(|row| keep(*row)).collect();
+        match left.as_slice() {
+            [] => return false,
+            [one] => *self = Self::One(*one),
+            _ => *self = Self::Many(left),
         }
+        true
     }
 
     fn iter(&self) -> impl Iterator<Item = i64> + '_ {
@@ -146,6 +154,9 @@ pub(super) const FIND_KEY: &str = "SELECT m.group_seq, m.epoch_after, m.payload_
 
 /// Whether a message row is still there.
 const MESSAGE_EXISTS: &str = "SELECT 1 FROM messages WHERE id = ?";
+
+/// [`insert_keys`] for a whole chunk, made once (the last chunk of a step is shorter).
+static INSERT_FULL_CHUNK: LazyLock<String> = LazyLock::new(|| insert_keys(KEYS_PER_INSERT));
 
 /// Inserts `n` keys; one that is there already was written by a run that a crash cut
 /// short. (`INSERT ... SELECT` or `OR REPLACE` would make SQLite keep a statement
@@ -270,11 +281,7 @@ impl MessageKeys {
                 self.recent
                     .insert((key.message_id, key.kind), Rows::One(key.row));
             }
-            Some(rows) => {
-                let mut all: Vec<i64> = rows.iter().collect();
-                all.push(key.row);
-                *rows = Rows::Many(all);
-            }
+            Some(rows) => rows.push(key.row),
         }
         self.waiting.push(key);
         self.waiting_since.get_or_insert_with(Instant::now);
@@ -285,15 +292,10 @@ impl MessageKeys {
         let gone: Vec<StoredKey> = self.waiting.drain(from.min(self.waiting.len())..).collect();
         for key in gone {
             let id = (key.message_id, key.kind);
-            if let Some(rows) = self.recent.get_mut(&id) {
-                let left: Vec<i64> = rows.iter().filter(|r| *r != key.row).collect();
-                match left.as_slice() {
-                    [] => {
-                        self.recent.remove(&id);
-                    }
-                    [one] => *rows = Rows::One(*one),
-                    _ => *rows = Rows::Many(left),
-                }
+            if let Some(rows) = self.recent.get_mut(&id)
+                && !rows.retain(|row| row != key.row)
+            {
+                self.recent.remove(&id);
             }
         }
         if self.waiting.is_empty() {
@@ -413,7 +415,11 @@ impl MessageKeys {
             (run.written + at_least.max(self.step_keys)).min(run.keys.len())
         };
         for chunk in run.keys[run.written..end].chunks(KEYS_PER_INSERT) {
-            let mut insert = tx.prepare_cached(&insert_keys(chunk.len()))?;
+            let mut insert = if chunk.len() == KEYS_PER_INSERT {
+                tx.prepare_cached(&INSERT_FULL_CHUNK)?
+            } else {
+                tx.prepare_cached(&insert_keys(chunk.len()))?
+            };
             let mut at = 1;
             for key in chunk {
                 insert.raw_bind_parameter(at, key.message_id.as_bytes().as_slice())?;
@@ -440,19 +446,12 @@ impl MessageKeys {
             let upto = run.upto;
             // Every key up to the run's end leaves memory, also those whose message
             // expired before the run was written.
-            self.recent.retain(|_, rows| rows.keep_above(upto));
+            self.recent.retain(|_, rows| rows.retain(|row| row > upto));
             self.keyed = upto;
             self.run = None;
         }
         Ok(written)
     }
-}
-
-/// `PRAGMA data_version` of the connection: it changes when another connection commits.
-fn data_version(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn
-        .prepare_cached("PRAGMA data_version")?
-        .query_row([], |row| row.get(0))?)
 }
 
 #[cfg(test)]
